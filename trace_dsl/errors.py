@@ -48,6 +48,12 @@ class DatasetFormatError(TraceError, ValueError):
     code = "TD001"
 
 
+class DatasetNotFoundError(TraceError, FileNotFoundError):
+    """A preference-data file does not exist, or a Hugging Face dataset is neither cached nor reachable."""
+
+    code = "TD002"
+
+
 class ModelResolutionError(TraceError, LookupError):
     """A model name resolves to nothing, or its weights are not on this machine."""
 
