@@ -66,6 +66,12 @@ class JudgeError(TraceError, RuntimeError):
     code = "TJ001"
 
 
+class ResultCacheError(TraceError, OSError):
+    """The result cache file cannot be opened, is not a cache, or cannot be written."""
+
+    code = "TC001"
+
+
 class PlanMismatchError(TraceError, ValueError):
     """A saved plan no longer matches the policy, data or model it was made for."""
 
