@@ -145,10 +145,12 @@ def _compare(element: str, old: Mapping[str, Definition], new: Mapping[str, Defi
     return changes
 
 
-def _dependents(new: Mapping[str, Definition], changed: set[str]) -> dict[str, tuple[str, ...]]:
-    """Map each definition to the changed predicates it reaches through references."""
+def _dependents(
+    definitions: Mapping[str, Definition], predicates: Mapping[str, Definition], changed: set[str]
+) -> dict[str, tuple[str, ...]]:
+    """Map each definition to the changed predicates it reaches through predicate references."""
     reached: dict[str, tuple[str, ...]] = {}
-    for ident, definition in new.items():
+    for ident, definition in definitions.items():
         seen: set[str] = set()
         stack = list(definition.uses)
         while stack:
@@ -156,7 +158,7 @@ def _dependents(new: Mapping[str, Definition], changed: set[str]) -> dict[str, t
             if name in seen:
                 continue
             seen.add(name)
-            stack.extend(new[name].uses if name in new else ())
+            stack.extend(predicates[name].uses if name in predicates else ())
         hits = tuple(sorted(seen & changed))
         if hits:
             reached[ident] = hits
@@ -183,11 +185,11 @@ def diff_definitions(
     moved = {c.id for c in predicate_changes}
 
     listed_predicates = {c.id for c in predicate_changes}
-    for ident, because in sorted(_dependents(new_predicates, moved).items()):
+    for ident, because in sorted(_dependents(new_predicates, new_predicates, moved).items()):
         if ident not in listed_predicates:
             predicate_changes.append(Change("predicate", ident, ChangeKind.AFFECTED, "", None, None, because))
     listed_rules = {c.id for c in rule_changes}
-    for ident, because in sorted(_dependents(new_rules, moved).items()):
+    for ident, because in sorted(_dependents(new_rules, new_predicates, moved).items()):
         if ident not in listed_rules:
             rule_changes.append(Change("rule", ident, ChangeKind.AFFECTED, new_rules[ident].title, None, None, because))
 
