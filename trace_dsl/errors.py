@@ -90,6 +90,12 @@ class TrainingDataError(TraceError, ValueError):
     code = "TR020"
 
 
+class ConfigurationError(TraceError, ValueError):
+    """A training configuration file or `--set` override is invalid."""
+
+    code = "TR030"
+
+
 class GitRevisionError(TraceError, LookupError):
     """A `file@revision` reference cannot be read from git."""
 

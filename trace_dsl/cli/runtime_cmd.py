@@ -1,9 +1,110 @@
-"""Commands registered by this module (filled in by its layer)."""
+"""The runtime commands: `trace apply` (triage, impact scores, hybrid training) and `trace eval`."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+from trace_dsl.cli.common import handle_errors, is_terminal, stderr, stdout
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `trace` application."""
+    """Add `apply` and `eval` to the `trace` application."""
+    app.command("apply")(apply_command)
+    app.command("eval")(eval_command)
+
+
+@handle_errors
+def apply_command(
+    policy: Path = typer.Argument(..., help="The new policy, a .tp file."),
+    model: str = typer.Option(..., "--model", "-m", help="Model alias (see `trace models`), local folder or Hugging Face id."),
+    data: str = typer.Option(..., "--data", "-d", help="Preference data file or dataset id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory to write."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Data format; detected from the rows when omitted."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Training settings, a JSON or YAML file."),
+    settings: List[str] = typer.Option([], "--set", help="Override one setting, key=value (dotted keys: lora.r=8). Repeatable."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimiser steps."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read at most this many pairs."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the split, sampling and initialisation."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Stop after triage and impact scores; print what training would do."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    merge: bool = typer.Option(False, "--merge", help="Also save the adapter merged into the base model (merged/)."),
+    drop_errors: bool = typer.Option(False, "--drop-errors", help="Train without pairs whose verdict is error instead of stopping."),
+) -> None:
+    """Triage DATA with POLICY, score the conflicts and re-align MODEL with a LoRA adapter."""
+    from trace_dsl.runtime.apply import ApplyRequest, apply_policy, describe_plan, format_duration, load_config
+
+    overrides = list(settings)
+    if max_steps is not None:
+        overrides.append(f"max_steps={max_steps}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    config = load_config(config_file, overrides)
+    request = ApplyRequest(
+        policy=policy,
+        model=model,
+        data=data,
+        output=output,
+        config=config,
+        data_format=data_format,
+        limit=limit,
+        dry_run=dry_run,
+        overwrite=overwrite,
+        resume=resume,
+        merge=merge,
+        drop_errors=drop_errors,
+        command_line=tuple(["trace"] + sys.argv[1:]),
+        progress=is_terminal(),
+    )
+    result = apply_policy(request, console=stderr)
+
+    counts = ", ".join(f"{name} {count}" for name, count in result.counts.items())
+    stdout.print(f"triage: {counts}", markup=False, highlight=False)
+    if result.status == "dry-run":
+        for line in describe_plan(result, request.config):
+            stdout.print(line, markup=False, highlight=False)
+        stdout.print(f"dry run: nothing trained; run directory {result.run.root}", markup=False, highlight=False)
+        return
+    stdout.print(
+        f"trained {result.steps} steps in {format_duration(result.seconds)}; adapter in {result.run.adapter}",
+        markup=False,
+        highlight=False,
+    )
+    stdout.print(f"report: {result.run.report}; next: trace eval {result.run.root}", markup=False, highlight=False)
+
+
+@handle_errors
+def eval_command(
+    run: Path = typer.Argument(..., help="A run directory written by `trace apply`."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out pairs to evaluate on, triaged with the run's policy; default: the run's held-out split."),
+    data_format: Optional[str] = typer.Option(None, "--data-format", help="Format of --data; detected when omitted."),
+    output_format: str = typer.Option("table", "--format", help="Output: table or json."),
+    generate_n: int = typer.Option(16, "--generate-n", min=0, help="Held-out prompts to answer and judge for policy agreement (0 skips it)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated per answer for policy agreement."),
+    utility_text: Optional[Path] = typer.Option(None, "--utility-text", help="Plain-text file for the perplexity check; default: the bundled general-text sample."),
+) -> None:
+    """Measure a trained run on held-out pairs: inversion, suppression, retention, utility, policy agreement."""
+    from trace_dsl.runtime.evaluate import EvalRequest, evaluate_run, format_table
+
+    if output_format not in ("table", "json"):
+        raise typer.BadParameter("expected table or json", param_hint="--format")
+    request = EvalRequest(
+        run=run,
+        data=data,
+        data_format=data_format,
+        generate_n=generate_n,
+        max_new_tokens=max_new_tokens,
+        utility_text=utility_text,
+        progress=is_terminal(),
+    )
+    report = evaluate_run(request)
+    if output_format == "json":
+        stdout.print(json.dumps(report, indent=2, sort_keys=True), markup=False, highlight=False)
+    else:
+        for line in format_table(report):
+            stdout.print(line, markup=False, highlight=False)

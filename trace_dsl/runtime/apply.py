@@ -1,0 +1,634 @@
+"""`trace apply`: triage the data with a policy, score the conflicts, train the adapter.
+
+The stages, each writing into the run directory (see `trace_dsl.runtime.rundir`):
+
+1. load the preference pairs and triage them with the compiled policy (`triage.jsonl`);
+2. refuse pairs whose verdict is `error` (or drop them when asked), split off a seeded,
+   per-category held-out set for `trace eval` (`split.json`);
+3. resolve and load the model and wrap it with a LoRA adapter (peft);
+4. compute the alignment impact scores of the conflict pairs, or reuse the saved ones when the
+   policy, data, model and impact settings are unchanged (`impact_scores.jsonl`);
+5. train with the hybrid objective (`metrics.jsonl`, checkpoints), save the adapter in
+   safetensors (and a merged model on request), and write the report.
+
+`--dry-run` stops after stage 4 and prints what training would do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pydantic import ValidationError
+
+from trace_dsl.errors import ConfigurationError, ModelResolutionError, TrainingDataError
+from trace_dsl.runtime.config import TrainingConfig
+from trace_dsl.runtime.rundir import RunDirectory, package_versions, read_jsonl, utc_now, write_json, write_jsonl
+from trace_dsl.triage.verdict import Category, Verdict
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SCHEMA_VERSION = 1
+
+
+# --- Configuration ------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value: JSON when it parses (numbers, booleans, null, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(
+    path: Path | None = None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None
+) -> TrainingConfig:
+    """Build the effective `TrainingConfig` from a file and `key=value` overrides.
+
+    Args:
+        path: a JSON or YAML file of settings (nested objects for `lora` and `impact`), or None.
+        overrides: `key=value` strings; dotted keys reach nested settings (`lora.r=8`) and values
+            are read as JSON when they parse (`impact.enabled=false`), else as strings.
+        base: settings the file and overrides apply on top of (a resumed run's configuration).
+
+    Raises:
+        ConfigurationError: the file cannot be read or parsed, an override has no `=`, or the
+            result fails validation (the message names the setting).
+    """
+    settings: dict[str, Any] = json.loads(json.dumps(dict(base or {})))
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read configuration file {path}: {exc.strerror}") from None
+        try:
+            if Path(path).suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                loaded = yaml.safe_load(text) or {}
+            else:
+                loaded = json.loads(text)
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise ConfigurationError(f"{path}: invalid configuration file ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigurationError(f"{path}: expected an object of settings at the top level")
+        _merge(settings, loaded)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"invalid --set {override!r}", hint="write it as key=value, for example --set lora.r=8")
+        target = settings
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigurationError(f"invalid --set {override!r}: {part} is not a group of settings")
+        target[parts[-1]] = _parse_value(value)
+    try:
+        return TrainingConfig(**settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}" for error in exc.errors())
+        raise ConfigurationError(f"invalid training configuration: {problems}") from None
+
+
+def _merge(target: dict[str, Any], source: Mapping[str, Any]) -> None:
+    for key, value in source.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+# --- Held-out split ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """The seeded held-out split of a run: pair ids used for training and kept for evaluation."""
+
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+    seed: int
+    fraction: float
+
+    def to_dict(self, categories: Mapping[str, Category]) -> dict[str, Any]:
+        """The `split.json` document, with the count of each category in each part."""
+
+        def counts(ids: Sequence[str]) -> dict[str, int]:
+            counter = Counter(categories[pair_id].value for pair_id in ids)
+            return {category.value: counter.get(category.value, 0) for category in Category}
+
+        return {
+            "schema_version": SPLIT_SCHEMA_VERSION,
+            "seed": self.seed,
+            "heldout_fraction": self.fraction,
+            "counts": {"train": counts(self.train), "heldout": counts(self.heldout)},
+            "train": list(self.train),
+            "heldout": list(self.heldout),
+        }
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> "Split":
+        """Read a `split.json` document."""
+        return cls(tuple(document["train"]), tuple(document["heldout"]), int(document["seed"]), float(document["heldout_fraction"]))
+
+
+def heldout_split(verdicts: Sequence[Verdict], fraction: float, seed: int) -> Split:
+    """Split pairs into training and held-out sets, per category, reproducibly from `seed`.
+
+    Each category keeps round(fraction * size) pairs out, at least one when the category has two
+    pairs or more and `fraction` is positive, so every category the data has appears in both
+    parts. Within a category the order is a seeded shuffle of the pair ids, independent of the
+    file order.
+    """
+    import random
+
+    groups: dict[Category, list[str]] = {}
+    for verdict in verdicts:
+        groups.setdefault(verdict.category, []).append(verdict.pair_id)
+    train: list[str] = []
+    heldout: list[str] = []
+    for category in Category:
+        ids = sorted(groups.get(category, []))
+        random.Random(f"{seed}:{category.value}").shuffle(ids)
+        keep_out = round(fraction * len(ids))
+        if fraction > 0 and len(ids) >= 2:
+            keep_out = max(1, keep_out)
+        keep_out = min(keep_out, len(ids) - 1) if len(ids) >= 2 else 0
+        heldout.extend(ids[:keep_out])
+        train.extend(ids[keep_out:])
+    return Split(tuple(train), tuple(heldout), seed, fraction)
+
+
+# --- Impact-score reuse ---------------------------------------------------------------------------
+
+
+def impact_key(policy_hash: str, pairs_hash: str, model: Mapping[str, Any], config: TrainingConfig, train_ids: Sequence[str]) -> dict[str, Any]:
+    """What the impact scores depend on; saved scores are reused only when this is unchanged."""
+    return {
+        "policy_hash": policy_hash,
+        "pairs_hash": pairs_hash,
+        "model": {key: model.get(key) for key in ("id", "path", "revision")},
+        "impact": config.impact.model_dump(),
+        "beta": config.beta,
+        "inversion_loss": config.inversion_loss,
+        "max_length": config.max_length,
+        "lora": config.lora.model_dump(),
+        "seed": config.seed,
+        "train_hash": hashlib.sha256("\n".join(train_ids).encode("ascii")).hexdigest()[:16],
+    }
+
+
+# --- The request and its result -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApplyRequest:
+    """Everything `trace apply` was asked to do.
+
+    Attributes:
+        policy: the `.tp` policy file.
+        model: a model name, alias or folder (`trace_dsl.models.resolve_model`).
+        data: a preference-data file or dataset id.
+        output: the run directory.
+        config: the effective training configuration.
+        data_format: the data format, None to detect it.
+        limit: read at most this many pairs.
+        dry_run: stop after triage and impact scores.
+        overwrite: replace an existing run directory.
+        resume: continue an interrupted run from its last checkpoint.
+        merge: also save the adapter merged into the base model.
+        drop_errors: leave out pairs whose verdict is `error` instead of stopping.
+        command_line: the command as typed, for the manifest.
+        progress: draw progress bars on stderr.
+    """
+
+    policy: Path
+    model: str
+    data: str
+    output: Path
+    config: TrainingConfig = field(default_factory=TrainingConfig)
+    data_format: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    merge: bool = False
+    drop_errors: bool = False
+    command_line: tuple[str, ...] = ()
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What a `trace apply` run did.
+
+    Attributes:
+        run: the run directory.
+        counts: pairs per category over all the data.
+        split_counts: pairs per category in the `train` and `heldout` parts.
+        steps: optimiser steps of training (planned for a dry run).
+        estimated_seconds: the estimated training time (dry run only).
+        impact_reused: whether saved impact scores were reused.
+        status: 'completed' or 'dry-run'.
+        seconds: wall time of the whole command.
+    """
+
+    run: RunDirectory
+    counts: dict[str, int]
+    split_counts: dict[str, dict[str, int]]
+    steps: int
+    estimated_seconds: float | None
+    impact_reused: bool
+    status: str
+    seconds: float
+
+
+# --- Stages ----------------------------------------------------------------------------------------
+
+
+def _load_pairs(request: ApplyRequest) -> list[Any]:
+    from trace_dsl.data import load_pairs
+
+    result = load_pairs(request.data, format=request.data_format, limit=request.limit)
+    pairs = list(result.pairs)
+    if not pairs:
+        raise TrainingDataError(f"{request.data}: no preference pairs were read", hint="check the file and --format")
+    return pairs
+
+
+def _triage(request: ApplyRequest, pairs: Sequence[Any]) -> tuple[Any, list[Verdict]]:
+    from trace_dsl.compiler import load_policy
+    from trace_dsl.triage import triage
+
+    policy = load_policy(request.policy)
+    verdicts = triage(policy, pairs, progress=request.progress)
+    return policy, list(verdicts)
+
+
+def _check_errors(request: ApplyRequest, verdicts: Sequence[Verdict]) -> list[Verdict]:
+    """Stop on `error` verdicts, or leave them out when `drop_errors` is set."""
+    errors = [verdict for verdict in verdicts if verdict.category is Category.ERROR]
+    if not errors:
+        return list(verdicts)
+    if request.drop_errors:
+        logger.warning("left out %d pairs whose verdict is error (--drop-errors)", len(errors))
+        return [verdict for verdict in verdicts if verdict.category is not Category.ERROR]
+    first = errors[0]
+    raise TrainingDataError(
+        f"{len(errors)} of {len(verdicts)} pairs have verdict 'error' (compliance could not be decided); "
+        f"first: pair {first.pair_id}: {first.error or 'no reason recorded'}",
+        hint=f"see why with `trace explain {request.policy} --data {request.data} --pair {first.pair_id}`, "
+        "fix the policy or its judge, or pass --drop-errors to train without them",
+    )
+
+
+def _load_model(request: ApplyRequest) -> tuple[Any, Any, Any]:
+    """Resolve and load the model and tokenizer; any loading failure is a `ModelResolutionError`."""
+    from trace_dsl.models import load_model_and_tokenizer, resolve_model
+
+    resolved = resolve_model(request.model)
+    try:
+        model, tokenizer = load_model_and_tokenizer(resolved)
+    except ModelResolutionError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelResolutionError(
+            f"model {request.model!r} could not be loaded from {resolved.path}: {exc}",
+            hint="check that the folder holds a complete transformers causal language model",
+        ) from None
+    return resolved, model, tokenizer
+
+
+def _wrap_lora(model: Any, config: TrainingConfig, resolved: Any) -> tuple[Any, list[str]]:
+    """Add a fresh LoRA adapter, seeded, on the configured or the model alias's target modules."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    targets = list(config.lora.target_modules or resolved.lora_target_modules)
+    set_seed(config.seed)
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora), targets
+    except ValueError as exc:
+        raise ModelResolutionError(
+            f"cannot add a LoRA adapter on modules {targets}: {exc}",
+            hint="set lora.target_modules to module names of this model, for example --set 'lora.target_modules=[\"q_proj\",\"v_proj\"]'",
+        ) from None
+
+
+def _impact_scores(
+    request: ApplyRequest,
+    run: RunDirectory,
+    model: Any,
+    tokenizer: Any,
+    train_pairs: Sequence[Any],
+    train_verdicts: Sequence[Verdict],
+    key: Mapping[str, Any],
+    previous_key: Mapping[str, Any] | None,
+) -> tuple[dict[str, float], dict[tuple[str, str], float], bool, dict[str, Any]]:
+    """Impact scores and reference log-probabilities of the conflict pairs, reused when the key matches.
+
+    Returns the L1-normalised scores, the reference log-probabilities, whether they were reused,
+    and the timings of the computation.
+    """
+    config = request.config
+    conflicts = [v for v in train_verdicts if v.category in (Category.INVERT, Category.SUPPRESS)]
+    if previous_key == key and run.impact_scores.exists():
+        scores, references = {}, {}
+        for row in read_jsonl(run.impact_scores):
+            scores[row["pair_id"]] = row["score"]
+            references[(row["pair_id"], "chosen")] = row["ref_logprob_chosen"]
+            references[(row["pair_id"], "rejected")] = row["ref_logprob_rejected"]
+        if set(scores) == {v.pair_id for v in conflicts}:
+            logger.info("reusing %d impact scores from %s", len(scores), run.impact_scores)
+            return scores, references, True, {}
+
+    if not config.impact.enabled:
+        # The ablation gives every conflict pair the same weight: nothing to score.
+        uniform = {v.pair_id: 1.0 / len(conflicts) for v in conflicts}
+        rows = [{"pair_id": v.pair_id, "category": v.category.value, "score": uniform[v.pair_id], "raw": None,
+                 "ref_logprob_chosen": None, "ref_logprob_rejected": None} for v in conflicts]
+        write_jsonl(run.impact_scores, rows)
+        return uniform, {}, False, {}
+
+    from trace_dsl.runtime.impact import compute_impact_scores
+
+    result = compute_impact_scores(model, tokenizer, list(train_pairs), list(train_verdicts), config)
+    rows = []
+    for verdict in conflicts:
+        pair_id = verdict.pair_id
+        rows.append(
+            {
+                "pair_id": pair_id,
+                "category": verdict.category.value,
+                "score": result.scores.get(pair_id, 0.0),
+                "raw": _raw_score(result.raw, pair_id),
+                "ref_logprob_chosen": result.ref_logprobs.get((pair_id, "chosen")),
+                "ref_logprob_rejected": result.ref_logprobs.get((pair_id, "rejected")),
+            }
+        )
+    write_jsonl(run.impact_scores, rows)
+    timings = dict(getattr(result, "timings", {}) or {})
+    return dict(result.scores), dict(result.ref_logprobs), False, timings
+
+
+def _raw_score(raw: Any, pair_id: str) -> float | None:
+    if isinstance(raw, Mapping):
+        value = raw.get(pair_id)
+        return float(value) if value is not None else None
+    return None
+
+
+def _estimate_step_seconds(trainer: Any) -> float:
+    """Time one forward and backward pass of a training batch; gradients are cleared after."""
+    import torch
+
+    loader = trainer.get_train_dataloader()
+    batch = next(iter(loader))
+    batch = trainer._prepare_inputs(batch)
+    model = trainer.model
+    model.train()
+    started = time.perf_counter()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    seconds = time.perf_counter() - started
+    model.zero_grad(set_to_none=True)
+    trainer._term_sums.zero_()
+    trainer._term_count = 0
+    torch.manual_seed(trainer.args.seed)
+    return seconds
+
+
+# --- The command -------------------------------------------------------------------------------------
+
+
+def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
+    """Run `trace apply` as `request` says and return what it did.
+
+    Every stage writes into the run directory as soon as it is done; the manifest's `status`
+    says how far the run got ('running', 'dry-run', 'completed', 'failed', 'interrupted').
+
+    Raises:
+        RunDirectoryError: the run directory exists (without overwrite or resume).
+        TrainingDataError: no pairs, pairs in error, or no conflict pair to train on.
+        ModelResolutionError: the model cannot be resolved or loaded.
+        ConfigurationError: the configuration is invalid.
+    """
+    started = time.perf_counter()
+    run = RunDirectory(Path(request.output))
+    previous = run.read_manifest() if (request.resume or request.overwrite) and run.manifest.exists() else {}
+    if request.resume:
+        run.prepare(resume=True)
+        previous = run.read_manifest()
+        request = _resumed_request(request, previous)
+    else:
+        run.prepare(overwrite=request.overwrite)
+
+    config = request.config
+    run.update_manifest(
+        status="running",
+        started_at=utc_now(),
+        ended_at=None,
+        command_line=list(request.command_line),
+        seed=config.seed,
+        config=config.model_dump(),
+        packages=package_versions(),
+        policy={"path": str(request.policy)},
+        data={"path": str(request.data), "format": request.data_format, "limit": request.limit},
+        model={"name": request.model},
+        options={"dry_run": request.dry_run, "merge": request.merge, "drop_errors": request.drop_errors, "resume": request.resume},
+    )
+    try:
+        result = _run_stages(request, run, previous, console)
+    except KeyboardInterrupt:
+        run.update_manifest(status="interrupted", ended_at=utc_now())
+        raise
+    except BaseException as exc:
+        run.update_manifest(status="failed", ended_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
+        raise
+    seconds = time.perf_counter() - started
+    run.update_manifest(status=result.status, ended_at=utc_now(), wall_seconds=round(seconds, 1))
+    return ApplyResult(**{**result.__dict__, "seconds": seconds})
+
+
+def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> ApplyRequest:
+    """The request of the run being resumed: its configuration, policy, data and model win."""
+    config = load_config(base=manifest.get("config", {}))
+    data = manifest.get("data", {})
+    return ApplyRequest(
+        policy=Path(manifest.get("policy", {}).get("path", request.policy)),
+        model=manifest.get("model", {}).get("name", request.model),
+        data=data.get("path", request.data),
+        output=request.output,
+        config=config,
+        data_format=data.get("format"),
+        limit=data.get("limit"),
+        dry_run=False,
+        overwrite=False,
+        resume=True,
+        merge=request.merge or manifest.get("options", {}).get("merge", False),
+        drop_errors=manifest.get("options", {}).get("drop_errors", request.drop_errors),
+        command_line=request.command_line,
+        progress=request.progress,
+    )
+
+
+def _run_stages(request: ApplyRequest, run: RunDirectory, previous: Mapping[str, Any], console: Any) -> ApplyResult:
+    from accelerate import PartialState
+
+    from trace_dsl.data import dataset_hash, pairs_hash
+    from trace_dsl.runtime.report import verdict_counts, write_report
+    from trace_dsl.runtime.trainer import EncodedItems, build_trainer, build_training_items, fill_reference_logprobs, optimiser_steps, scale_weights
+
+    state = PartialState()
+    config = request.config
+
+    # 1. Data and triage.
+    pairs = _load_pairs(request)
+    data_hash = pairs_hash(pairs)
+    file_hash = dataset_hash(request.data, pairs)
+    policy, verdicts = _triage(request, pairs)
+    policy_hash = getattr(policy, "hash", "")
+    if state.is_main_process:
+        write_jsonl(run.triage, (verdict.to_dict() for verdict in verdicts))
+    counts = verdict_counts(verdicts)
+    run.update_manifest(
+        policy={"path": str(request.policy), "hash": policy_hash},
+        data={"path": str(request.data), "format": request.data_format, "limit": request.limit, "hash": file_hash, "pairs_hash": data_hash, "pairs": len(pairs)},
+        counts=counts,
+    )
+
+    # 2. Errors and the held-out split.
+    usable = _check_errors(request, verdicts)
+    categories = {verdict.pair_id: verdict.category for verdict in usable}
+    split = heldout_split(usable, config.heldout_fraction, config.seed)
+    split_document = split.to_dict(categories)
+    if state.is_main_process:
+        write_json(run.split, split_document)
+    train_ids = set(split.train)
+    train_pairs = [pair for pair in pairs if pair.id in train_ids]
+    train_verdicts = [verdict for verdict in usable if verdict.pair_id in train_ids]
+    conflicts = [v for v in train_verdicts if v.category in (Category.INVERT, Category.SUPPRESS)]
+    if not conflicts:
+        raise TrainingDataError(
+            f"no INVERT or SUPPRESS pair to train on: the policy finds no conflict in the {len(train_verdicts)} training pairs "
+            f"({', '.join(f'{name} {count}' for name, count in counts.items() if count)})",
+            hint=f"check the verdicts with `trace triage {request.policy} --data {request.data}`; "
+            "if the new policy agrees with the old labels there is nothing to re-align",
+        )
+
+    # 3. Model and adapter.
+    resolved, model, tokenizer = _load_model(request)
+    model, targets = _wrap_lora(model, config, resolved)
+    model_record = {
+        "name": request.model,
+        "id": resolved.hf_id or str(resolved.path),
+        "path": str(resolved.path) if resolved.path else None,
+        "revision": resolved.revision,
+        "kind": resolved.kind,
+        "lora_target_modules": targets,
+    }
+    run.update_manifest(model=model_record)
+
+    # 4. Impact scores.
+    key = impact_key(policy_hash, data_hash, model_record, config, sorted(train_ids))
+    scores, references, reused, timings = _impact_scores(
+        request, run, model, tokenizer, train_pairs, train_verdicts, key, previous.get("impact", {}).get("key")
+    )
+    run.update_manifest(impact={"key": key, "reused": reused, "timings": timings, "scored": len(scores)})
+
+    corrected = None
+    if config.suppress_mode == "corrected":
+        from trace_dsl.runtime.generate import corrected_responses
+
+        suppress = [pair for pair in train_pairs if categories[pair.id] is Category.SUPPRESS]
+        corrected = corrected_responses(suppress, config, policy=policy, progress=request.progress)
+        failed = sum(1 for value in corrected.values() if not value)
+        run.update_manifest(corrected={"generator": config.generator, "generated": len(corrected) - failed, "fell_back_to_npo": failed})
+
+    weights = scale_weights(scores, config)
+    items = build_training_items(train_pairs, categories, weights, ref_logprobs=references, corrected=corrected)
+    items = fill_reference_logprobs(model, tokenizer, items, max_length=config.max_length, batch_size=config.impact.batch_size)
+    dataset = EncodedItems(items, tokenizer, max_length=config.max_length)
+    steps = optimiser_steps(config, dataset, processes=state.num_processes)
+    trainer = build_trainer(
+        model, tokenizer, dataset, config, run.checkpoints, metrics_path=run.metrics, progress=request.progress, console=console
+    )
+
+    if request.dry_run:
+        micro_seconds = _estimate_step_seconds(trainer)
+        estimate = micro_seconds * config.gradient_accumulation_steps * steps
+        run.update_manifest(plan={"steps": steps, "estimated_seconds": round(estimate, 1), "micro_batch_seconds": round(micro_seconds, 3)})
+        return ApplyResult(run, counts, split_document["counts"], steps, estimate, reused, "dry-run", 0.0)
+
+    # 5. Training, adapter, report.
+    checkpoint = run.last_checkpoint() if request.resume else None
+    if checkpoint is not None and state.is_main_process:
+        _truncate_metrics(run, int(checkpoint.name.split("-")[1]))
+    elif state.is_main_process and run.metrics.exists():
+        run.metrics.unlink()
+    state.wait_for_everyone()
+    train_started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - train_started
+
+    if state.is_main_process:
+        model.save_pretrained(run.adapter, safe_serialization=True)
+        tokenizer.save_pretrained(run.adapter)
+        if request.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(run.merged, safe_serialization=True)
+            tokenizer.save_pretrained(run.merged)
+        manifest = run.update_manifest(training={"steps": trainer.state.global_step, "seconds": round(train_seconds, 1), "resumed_from": str(checkpoint) if checkpoint else None})
+        metrics = list(read_jsonl(run.metrics)) if run.metrics.exists() else []
+        write_report(run.root, manifest, verdicts, split_document["counts"], metrics)
+    state.wait_for_everyone()
+    return ApplyResult(run, counts, split_document["counts"], trainer.state.global_step, None, reused, "completed", 0.0)
+
+
+def _truncate_metrics(run: RunDirectory, step: int) -> None:
+    """Keep the metric rows up to `step`: rows logged after the checkpoint are logged again on resume."""
+    if run.metrics.exists():
+        rows = [row for row in read_jsonl(run.metrics) if row.get("step", 0) <= step]
+        write_jsonl(run.metrics, rows)
+
+
+def describe_plan(result: ApplyResult, config: TrainingConfig) -> list[str]:
+    """Lines that say what training would do, for `--dry-run`."""
+    train = result.split_counts["train"]
+    lines = [
+        "training would use "
+        + ", ".join(f"{train.get(name, 0)} {name}" for name in ("invert", "suppress", "retain"))
+        + f" pairs ({sum(result.split_counts['heldout'].values())} held out for `trace eval`)",
+        f"{result.steps} optimiser steps of {config.per_device_batch_size} x {config.gradient_accumulation_steps} "
+        f"(batching {config.batching}), max_length {config.max_length}, learning rate {config.learning_rate}",
+    ]
+    if result.estimated_seconds is not None:
+        minutes = result.estimated_seconds / 60
+        lines.append(f"estimated training time {minutes:.1f} min (from one timed micro-batch)")
+    lines.append(f"impact scores {'reused' if result.impact_reused else 'computed'}: {result.run.impact_scores}")
+    return lines
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` as '12.3 s' or '4 min 05 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = math.floor(seconds / 60)
+    return f"{minutes} min {seconds - 60 * minutes:04.1f} s"
