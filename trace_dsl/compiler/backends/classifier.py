@@ -8,6 +8,7 @@ threshold. The label is checked against the model's `id2label` when the backend 
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,16 @@ from typing import Any, Mapping, Sequence
 
 from trace_dsl.compiler.backends.base import BackendRequest, BackendResult, PredicateBackend
 from trace_dsl.compiler.backends.embedding import request_text
-from trace_dsl.compiler.backends.hf import folder_fingerprint, load_shared, resolve_model_path, torch_device
+from trace_dsl.compiler.backends.hf import (
+    folder_fingerprint,
+    load_shared,
+    max_input_length,
+    resolve_model_path,
+    torch_device,
+)
 from trace_dsl.errors import JudgeError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +54,7 @@ def _load_classifier(folder: Path) -> _Classifier:
     id2label = model.config.id2label or {}
     labels = tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(model.config.num_labels))
     multi_label = model.config.problem_type == "multi_label_classification"
-    max_length = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    max_length = max_input_length(tokenizer, model.config)
     return _Classifier(model, tokenizer, labels, multi_label, max_length, device, threading.Lock())
 
 
@@ -105,7 +114,14 @@ class ClassifierBackend(PredicateBackend):
 
         for start in range(0, len(pending), self.batch_size):
             batch = pending[start : start + self.batch_size]
-            probabilities = self._probabilities([requests[i] for i in batch])
+            try:
+                probabilities = self._probabilities([requests[i] for i in batch])
+            except RuntimeError as exc:
+                # A failed batch fails its own requests only, so the rest of the run goes on.
+                logger.warning("classifier %s failed on a batch of %d: %s", self.model_name, len(batch), exc)
+                for index in batch:
+                    results[index] = BackendResult(None, error=f"classifier failed: {type(exc).__name__}: {exc}")
+                continue
             for row, index in enumerate(batch):
                 label = requests[index].params.get("label", self.label)
                 column = self.labels.index(label)

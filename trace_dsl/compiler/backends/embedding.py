@@ -10,6 +10,7 @@ sentence-transformers dependency is needed. The default model is all-MiniLM-L6-v
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,13 @@ from trace_dsl.compiler.backends.base import BackendRequest, BackendResult, Pred
 from trace_dsl.compiler.backends.hf import (
     folder_fingerprint,
     load_shared,
+    max_input_length,
     read_json,
     resolve_model_path,
     torch_device,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
@@ -67,7 +71,7 @@ def _load_encoder(folder: Path) -> _Encoder:
     # sentence_bert_config.json holds the sequence length the model was trained with (256 for
     # all-MiniLM-L6-v2); longer inputs are truncated, as sentence-transformers does.
     bert_config = read_json(folder / "sentence_bert_config.json") or {}
-    max_length = int(bert_config.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", 512), 512))
+    max_length = max_input_length(tokenizer, model.config, int(bert_config.get("max_seq_length") or 512))
     return _Encoder(model, tokenizer, _pooling_mode(folder), max_length, device, threading.Lock())
 
 
@@ -137,8 +141,14 @@ class EmbeddingBackend(PredicateBackend):
         for examples, indices in groups.items():
             texts = [request_text(requests[i], self.input) for i in indices]
             distinct = list(dict.fromkeys(texts))
-            embeddings = self.embed(distinct)
-            similarities = embeddings @ self._example_embeddings(examples).T
+            try:
+                similarities = self.embed(distinct) @ self._example_embeddings(examples).T
+            except RuntimeError as exc:
+                # A failed group fails its own requests only, so the rest of the run goes on.
+                logger.warning("embedding model %s failed on %d texts: %s", self.model_name, len(distinct), exc)
+                for index in indices:
+                    results[index] = BackendResult(None, error=f"embedding failed: {type(exc).__name__}: {exc}")
+                continue
             best_values, best_examples = similarities.max(dim=-1)
             row_of = {text: row for row, text in enumerate(distinct)}
             for index, text in zip(indices, texts):

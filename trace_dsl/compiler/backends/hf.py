@@ -120,6 +120,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def max_input_length(tokenizer: Any, config: Any, preferred: int = 512) -> int:
+    """Return the longest input, in tokens, a model reads: `preferred` unless the tokenizer or
+    the position-embedding table allows fewer. The tokenizer's `model_max_length` alone is
+    often a huge placeholder, so the model config bounds it too."""
+    limits = [preferred, getattr(tokenizer, "model_max_length", None), getattr(config, "max_position_embeddings", None)]
+    return min(int(limit) for limit in limits if isinstance(limit, int) and limit > 0)
+
+
 def torch_device() -> str:
     """Return the device models run on: the first GPU when there is one, else the CPU."""
     import torch

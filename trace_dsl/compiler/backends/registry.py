@@ -235,7 +235,8 @@ def validate_backend_options(kind: str, options: Mapping[str, Any]) -> list[str]
             continue
         value = options[name]
         if not _is_type(value, spec.type_name):
-            problems.append(f"option '{name}' must be a {spec.type_name}, got {type(value).__name__} {value!r:.60}")
+            article = "an" if spec.type_name[0] in "aeiou" else "a"
+            problems.append(f"option '{name}' must be {article} {spec.type_name}, got {type(value).__name__} {value!r:.60}")
             continue
         if spec.judge_backend is not None and judge_backend in JUDGE_BACKENDS and judge_backend != spec.judge_backend:
             problems.append(
