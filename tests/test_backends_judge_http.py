@@ -22,7 +22,7 @@ FAST_RETRIES = {"max_retries": 2, "backoff": 0.01, "timeout": 2, "concurrency": 
 
 
 class FakeServer:
-    """A loopback HTTP server whose every POST is answered by `respond(handler, body)`."""
+    """A loopback HTTP server that handles every POST with `respond(handler, body)`."""
 
     def __init__(self, respond: Callable[[BaseHTTPRequestHandler, dict], None]) -> None:
         self.calls: list[dict] = []

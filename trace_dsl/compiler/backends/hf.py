@@ -1,9 +1,9 @@
 """Finding and loading the transformers models behind the expensive predicates.
 
-This module owns three things every model-backed predicate needs: turning a model name from a
-policy into a folder on this machine, a fingerprint of that folder for the result cache, and a
-process-wide store of loaded models so that two predicates naming the same model share one copy
-of its weights. Nothing here reaches the network: a name that is not a local folder, a packaged
+This module owns three things every model-backed predicate needs. It turns a model name from
+a policy into a folder on this machine, computes a fingerprint of that folder for the result
+cache, and keeps a process-wide store of loaded models, so two predicates naming the same model
+share one copy of its weights. Nothing here reaches the network: a name that is not a local folder, a packaged
 model or an entry of the Hugging Face cache fails with `JudgeError`.
 """
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_dsl.compiler.backends.chat import ChatModel
+from trace_dsl.errors import TraceError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class _BadRequest(Exception):
 
 
 class ChatCompletionServer(ThreadingHTTPServer):
-    """A `ThreadingHTTPServer` that answers chat completions with one `ChatModel`."""
+    """A `ThreadingHTTPServer` that serves chat completions from one `ChatModel`."""
 
     daemon_threads = True
 
@@ -201,7 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    server, port = serve(args.model, args.host, args.port, model_name=args.name)
+    try:
+        server, port = serve(args.model, args.host, args.port, model_name=args.name)
+    except TraceError as exc:
+        raise SystemExit(f"error[{exc.code}]: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     logger.info("ready: base_url = http://%s:%d/v1, model = %s", args.host, port, server.model_name)
     try:
         while True:

@@ -8,7 +8,7 @@ group `trace_dsl.predicates`:
     mentions_dosage = "my_package.predicates:mentions_dosage"
 
 and `register_plugin` adds one in-process (tests, notebooks). A policy names a plugin and passes
-it `args`; the policy file itself never holds code. Whatever a plugin does wrong (raise, return
+it `args`; the policy file itself never contains code. Whatever a plugin does wrong (raise, return
 too few items, return a string) becomes error results naming the plugin.
 """
 
@@ -83,7 +83,7 @@ def _load_plugin(name: str) -> tuple[PluginFunction, str]:
 
 
 class PluginBackend(PredicateBackend):
-    """A Python function answering a predicate.
+    """A Python function that evaluates a predicate.
 
     Options:
         name: the plugin's entry-point name, or a name given to `register_plugin` (required).

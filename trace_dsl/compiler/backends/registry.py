@@ -202,9 +202,10 @@ def validate_backend_options(kind: str, options: Mapping[str, Any]) -> list[str]
     """Check a predicate's backend options without loading any model.
 
     Returns:
-        One sentence per problem (unknown kind or option, a missing required option, a wrong
-        type, a value out of range, an unknown judge backend, a plugin that is not installed,
-        an API key written in the policy); an empty list when the options are valid.
+        One sentence per problem, or an empty list when the options are valid. Problems are
+        an unknown kind or option, a missing required option, a wrong type, a value out of
+        range, an unknown judge backend, a plugin that is not installed, and an API key
+        written in the policy.
     """
     if kind not in OPTION_SPECS:
         return [_one_of(BACKEND_KINDS, "predicate kind")(kind) or ""]
