@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from trace_dsl.models import (
     load_model_and_tokenizer,
     resolve_model,
 )
-from trace_dsl.models.smollm2 import MARKER_FILE
+from trace_dsl.models.smollm2 import MARKER_FILE, _marker_matches, _write_marker, write_folder_atomically
 
 
 @pytest.fixture(autouse=True)
@@ -259,6 +260,76 @@ def test_packaged_model_missing_package(monkeypatch, tmp_path):
 def test_conversion_rejects_non_packaged():
     with pytest.raises(ModelResolutionError, match="not a packaged model"):
         ensure_converted(ResolvedModel(name="x", kind="path", path=Path("/tmp")))
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "models" / "converted"
+
+    def fail(folder: Path) -> None:
+        (folder / "half-written.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(target, fail)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_write_replaces_stale_folder(tmp_path):
+    target = tmp_path / "converted"
+    target.mkdir()
+    (target / "stale.bin").write_bytes(b"old")
+    write_folder_atomically(target, lambda folder: (folder / "new.bin").write_bytes(b"new"))
+    assert sorted(path.name for path in target.iterdir()) == ["new.bin"]
+    assert [path.name for path in tmp_path.iterdir()] == ["converted"]
+    assert target.stat().st_mode & 0o777 == 0o755
+
+
+def test_marker_tracks_gguf_file(tmp_path):
+    import os
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights-v1")
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    assert not _marker_matches(folder, gguf)
+
+    _write_marker(folder, gguf)
+    assert _marker_matches(folder, gguf)
+    # Same bytes with a new modification time: the SHA-256 confirms the match.
+    os.utime(gguf, ns=(0, 10**9))
+    assert _marker_matches(folder, gguf)
+    # Different bytes of the same size: no match, so the model is converted again.
+    gguf.write_bytes(b"weights-v2")
+    assert not _marker_matches(folder, gguf)
+    gguf.write_bytes(b"longer weights")
+    assert not _marker_matches(folder, gguf)
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_from_scratch(monkeypatch):
+    """Convert the packaged GGUF into an empty cache, as a first run on a new machine does."""
+    # Not tmp_path: pytest keeps those for a few sessions, and this folder weighs 0.54 GB.
+    with tempfile.TemporaryDirectory(prefix="trace-test-convert-") as cache:
+        monkeypatch.setenv("TRACE_CACHE_DIR", cache)
+        _check_conversion_from_scratch(Path(cache))
+
+
+def _check_conversion_from_scratch(cache: Path) -> None:
+    resolved = resolve_model("smollm2")
+    assert resolved.path == cache / "models" / "smollm2-135m-instruct"
+    assert not resolved.path.exists()
+
+    folder = ensure_converted(resolved)
+    assert folder == resolved.path
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", MARKER_FILE} <= names
+    # Nothing but the folder and its lock file is left beside it.
+    assert sorted(path.name for path in folder.parent.iterdir()) == [".smollm2-135m-instruct.lock", "smollm2-135m-instruct"]
+
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_converted(resolved) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
