@@ -54,6 +54,12 @@ class DatasetNotFoundError(TraceError, FileNotFoundError):
     code = "TD002"
 
 
+class PairNotFoundError(TraceError, LookupError):
+    """No pair in the data has the requested id or row index."""
+
+    code = "TD010"
+
+
 class ModelResolutionError(TraceError, LookupError):
     """A model name resolves to nothing, or its weights are not on this machine."""
 

@@ -1,10 +1,10 @@
 """The canonical layout of a policy file, used by `trace fmt` and by the policy content hash.
 
-Layout: two-space indents; one statement per line; a blank line before every rule and example,
-between statements of different kinds, and wherever the source had one; long tests broken
-before `and`/`or`; long `let` lists one item per line; example lines in the order prompt,
-history, chosen, rejected, pair, expect. Formatting is idempotent: `format_file` of its own
-output returns the same text.
+The layout uses two-space indents and one statement per line. A blank line goes before every
+rule and example, between statements of different kinds, and wherever the source had one. Long
+tests break before `and` or `or`, and long word lists go one item per line. Example lines come
+in the order history, prompt, chosen, rejected, pair, expect. Formatting is idempotent:
+`format_file` of its own output returns the same text.
 
 Comments are kept. Each comment belongs to a layout unit (a statement, a rule's `when` or
 `unless` test, an example line, an item of a `let` list): a comment on its own line goes before
@@ -24,7 +24,7 @@ from trace_dsl.lang import nodes as n
 WIDTH = 100
 INDENT = "  "
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_EXAMPLE_ORDER = {"prompt": 0, "history": 1, "chosen": 2, "rejected": 3, "pair": 4, "expect": 5}
+_EXAMPLE_ORDER = {"history": 0, "prompt": 1, "chosen": 2, "rejected": 3, "pair": 4, "expect": 5}
 _PRECEDENCE = {n.Or: 1, n.And: 2, n.Not: 3}
 
 
@@ -118,6 +118,9 @@ def _flat_operands(node: n.And | n.Or) -> list[Any]:
 def expr_text(node: Any, parent_precedence: int = 0) -> str:
     """The canonical one-line text of a test, with only the parentheses precedence needs."""
     precedence = _PRECEDENCE.get(type(node), 4)
+    if isinstance(node, n.And) and parent_precedence == _PRECEDENCE[n.Or]:
+        # `a and b` inside `or` gets parentheses it does not need, so readers need not know precedence.
+        parent_precedence = precedence + 1
     if isinstance(node, (n.And, n.Or)):
         word = " and " if isinstance(node, n.And) else " or "
         text = word.join(expr_text(op, precedence) for op in _flat_operands(node))
@@ -140,16 +143,38 @@ def expr_text(node: Any, parent_precedence: int = 0) -> str:
     return text
 
 
-def _expr_lines(node: Any, first: str, continuation: str) -> list[str]:
-    """`first` followed by the test, broken before each top-level `or` (else `and`) when long."""
-    single = first + expr_text(node)
-    if len(single) <= WIDTH or not isinstance(node, (n.And, n.Or)):
+def _test_lines(node: Any, prefix: str, base: str, precedence: int) -> list[str]:
+    """One test after `prefix`; a long word list in it goes one item per line, indented from `base`."""
+    single = prefix + expr_text(node, precedence)
+    if len(single) <= WIDTH:
         return [single]
+    if isinstance(node, n.Keywords) and isinstance(node.words, n.ListLit) and node.words.items:
+        head, items = f"{value_text(node.subject)} {node.op} [", node.words.items
+    elif isinstance(node, n.SetTest) and isinstance(node.right, n.ListLit) and node.right.items:
+        head, items = f"{value_text(node.left)} {node.op} [", node.right.items
+    else:
+        return [single]
+    lines = [prefix + head]
+    lines.extend(f"{base}{INDENT}{value_text(item)}," for item in items)
+    lines.append(base + "]")
+    return lines
+
+
+def _expr_lines(node: Any, first: str, continuation: str, base: str) -> list[str]:
+    """`first` followed by the test, broken before each top-level `or` (else `and`) when long.
+
+    `base` is the indentation of the line `first` starts, for closing brackets of long lists.
+    """
+    if len(first + expr_text(node)) <= WIDTH:
+        return [first + expr_text(node)]
+    if not isinstance(node, (n.And, n.Or)):
+        return _test_lines(node, first, base, 0)
     word = "and" if isinstance(node, n.And) else "or"
     precedence = _PRECEDENCE[type(node)]
     operands = _flat_operands(node)
-    lines = [first + expr_text(operands[0], precedence)]
-    lines.extend(f"{continuation}{word} {expr_text(op, precedence)}" for op in operands[1:])
+    lines = _test_lines(operands[0], first, base, precedence)
+    for operand in operands[1:]:
+        lines.extend(_test_lines(operand, f"{continuation}{word} ", continuation, precedence))
     return lines
 
 
@@ -202,7 +227,7 @@ class _Layout:
         if isinstance(node, n.Let):
             return self._let(node)
         if isinstance(node, n.PredicateDef):
-            return self._unit_lines(node, "", _expr_lines(node.expr, f"predicate {node.name} = ", INDENT))
+            return self._unit_lines(node, "", _expr_lines(node.expr, f"predicate {node.name} = ", INDENT, ""))
         if isinstance(node, n.Rule):
             return self._rule(node)
         if isinstance(node, n.Example):
@@ -227,10 +252,10 @@ class _Layout:
 
     def _rule(self, node: n.Rule) -> list[tuple[str, Any]]:
         out = self._unit_lines(node, "", [f"rule {node.id} {quote(node.title.value)}:"])
-        when = _expr_lines(node.when, INDENT + "violates when ", INDENT * 2)
+        when = _expr_lines(node.when, INDENT + "violates when ", INDENT * 2, INDENT)
         out.extend(self._unit_lines(node.when, INDENT, when))
         if node.unless is not None:
-            unless = _expr_lines(node.unless, INDENT + "unless ", INDENT * 2)
+            unless = _expr_lines(node.unless, INDENT + "unless ", INDENT * 2, INDENT)
             out.extend(self._unit_lines(node.unless, INDENT, unless))
         return out
 
