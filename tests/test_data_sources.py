@@ -149,7 +149,7 @@ def test_hub_id_from_cache(tmp_path):
 def test_hub_id_not_cached():
     with pytest.raises(DatasetNotFoundError) as caught:
         load_pairs("trace-test/never-downloaded:test")
-    assert "'trace-test/never-downloaded' (split 'test') could not be loaded" in caught.value.message
+    assert "dataset 'trace-test/never-downloaded' (split 'test') could not be loaded" in caught.value.message
     assert "huggingface-cli download --repo-type dataset trace-test/never-downloaded" in caught.value.hint
 
 
@@ -159,6 +159,12 @@ def test_hub_id_not_cached():
 def test_missing_file():
     with pytest.raises(DatasetNotFoundError, match="no-such-file.jsonl: no such file"):
         load_pairs("no-such-file.jsonl")
+
+
+def test_missing_relative_file_not_taken_for_dataset_id():
+    with pytest.raises(DatasetNotFoundError) as caught:
+        load_pairs("data/pairs.jsonl.gz")
+    assert caught.value.message == "data/pairs.jsonl.gz: no such file"
 
 
 def test_unsupported_suffix(tmp_path):

@@ -262,6 +262,16 @@ def test_conversion_rejects_non_packaged():
         ensure_converted(ResolvedModel(name="x", kind="path", path=Path("/tmp")))
 
 
+def test_unwritable_cache_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("TRACE_CACHE_DIR", str(blocker))
+    with pytest.raises(ModelResolutionError) as caught:
+        ensure_converted(resolve_model("smollm2"))
+    assert f"into {blocker / 'models'}" in caught.value.message
+    assert "TRACE_CACHE_DIR" in caught.value.hint
+
+
 def test_atomic_write_failure_leaves_nothing(tmp_path):
     target = tmp_path / "models" / "converted"
 

@@ -60,6 +60,11 @@ def _suffixes(path: Path) -> tuple[str, bool]:
     )
 
 
+def _has_data_suffix(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith((".jsonl", ".ndjson", ".json", ".parquet"))
+
+
 def _open_text(path: Path, compressed: bool) -> IO[str]:
     if compressed:
         return gzip.open(path, "rt", encoding="utf-8")
@@ -162,7 +167,8 @@ def _load_hub_dataset(repo: str, split: str) -> Iterator[RawRow]:
         loaded = datasets.load_dataset(repo, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types for "not available"
         raise DatasetNotFoundError(
-            f"Hugging Face dataset {repo!r} (split {split!r}) could not be loaded: {type(exc).__name__}: {exc}",
+            f"{repo}: no such file, and the Hugging Face dataset {repo!r} (split {split!r}) could not be "
+            f"loaded: {type(exc).__name__}: {exc}",
             hint=(
                 f"on a machine with network run `huggingface-cli download --repo-type dataset {repo}` and copy "
                 "the cache (HF_HOME) here, or export the data to a .jsonl or .parquet file and pass its path"
@@ -196,7 +202,8 @@ def read_rows(source: str | Path) -> Iterator[RawRow]:
         )
     if not path.exists():
         match = _HF_DATASET_ID.match(str(source))
-        if match is None:
+        # `data/pairs.jsonl` also fits the `org/name` pattern, but a file suffix says it is a path.
+        if match is None or _has_data_suffix(path):
             raise DatasetNotFoundError(f"{source}: no such file", hint="check the path")
         yield from _load_hub_dataset(match["repo"], match["split"] or "train")
         return

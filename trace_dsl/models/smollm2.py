@@ -93,7 +93,8 @@ def ensure_converted(resolved: ResolvedModel) -> Path:
     finds the first one's folder.
 
     Raises:
-        ModelResolutionError: `resolved` is not a packaged model, or its package is missing.
+        ModelResolutionError: `resolved` is not a packaged model, its package is missing, or the
+            cache folder cannot be written.
     """
     if resolved.kind != "packaged" or resolved.packaged is None or resolved.gguf_file is None or resolved.path is None:
         raise ModelResolutionError(f"model {resolved.name!r} is not a packaged model and needs no conversion")
@@ -104,11 +105,17 @@ def ensure_converted(resolved: ResolvedModel) -> Path:
 
     from filelock import FileLock
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if _marker_matches(target, gguf):
-            return target
-        _convert(gguf, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target.parent / f".{target.name}.lock")):
+            if _marker_matches(target, gguf):
+                return target
+            _convert(gguf, target)
+    except OSError as exc:
+        raise ModelResolutionError(
+            f"cannot write the converted model {resolved.name!r} into {target.parent}: {exc}",
+            hint="set TRACE_CACHE_DIR to a writable folder with 1 GB free",
+        ) from None
     return target
 
 
