@@ -53,12 +53,13 @@ def test_request_examples_override_options(backend):
     assert overridden.value > plain.value
 
 
-def test_missing_examples_give_error_result():
-    backend = create_backend("embedding", {})
-    results = backend.evaluate([BackendRequest("p", "text"), BackendRequest("p", "text", params={"examples": []})])
+def test_bad_request_examples_give_error_result(backend):
+    results = backend.evaluate(
+        [BackendRequest("p", "text", params={"examples": []}), BackendRequest("p", "text", params={"examples": "one"})]
+    )
     assert [result.value for result in results] == [None, None]
-    assert "examples" in results[0].error
-    assert "examples" in results[1].error
+    assert "non-empty examples list" in results[0].error
+    assert "must be a list of texts" in results[1].error
 
 
 def test_prompt_input_embeds_prompt():

@@ -35,6 +35,7 @@ VALID = [
 INVALID = [
     ("embeding", {}, "unknown predicate kind 'embeding' (did you mean 'embedding'?)"),
     ("embedding", {"exmples": ["x"]}, "unknown option 'exmples' for an embedding predicate; did you mean 'examples'?"),
+    ("embedding", {"model": "all-MiniLM-L6-v2"}, "an embedding predicate needs the option 'examples' (list of texts)"),
     ("embedding", {"examples": []}, "option 'examples' must list at least one example text"),
     ("embedding", {"examples": "a bomb"}, "option 'examples' must be a list of texts, got str"),
     ("embedding", {"examples": ["x"], "threshold": 1.5}, "option 'threshold' must be between -1 and 1, got 1.5"),

@@ -156,7 +156,7 @@ _BATCH_SIZE = OptionSpec("integer", check=_in_range(1, None))
 OPTION_SPECS: dict[str, dict[str, OptionSpec]] = {
     "embedding": {
         "model": OptionSpec("text", check=_model_name),
-        "examples": OptionSpec("list of texts", check=_non_empty_examples),
+        "examples": OptionSpec("list of texts", required=True, check=_non_empty_examples),
         "input": _TEXT_INPUT,
         "threshold": OptionSpec("number", check=_in_range(-1, 1)),
         "batch_size": _BATCH_SIZE,
