@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,8 +17,36 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
 
 
+def _command_line(context: typer.Context) -> tuple[str, ...]:
+    """The running command rebuilt from its parsed parameters, with defaults left out.
+
+    Rebuilt rather than read from `sys.argv`, which contains the host program's arguments when the
+    command runs inside another program (tests, notebooks).
+    """
+    words = ["trace", context.info_name or ""]
+    for parameter in context.command.params:
+        value = context.params.get(parameter.name)
+        if value is None or value is False or value == [] or value == ():
+            continue
+        if parameter.param_type_name == "argument":
+            words.append(str(value))
+            continue
+        if parameter.default == value and not parameter.required:
+            continue
+        flag = max(parameter.opts, key=len)
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return tuple(words)
+
+
 @handle_errors
 def apply_command(
+    context: typer.Context,
     policy: Path = typer.Argument(..., help="The new policy, a .tp file."),
     model: str = typer.Option(..., "--model", "-m", help="Model alias (see `trace models`), local folder or Hugging Face id."),
     data: str = typer.Option(..., "--data", "-d", help="Preference data file or dataset id."),
@@ -29,6 +56,7 @@ def apply_command(
     settings: List[str] = typer.Option([], "--set", help="Override one setting, key=value (dotted keys: lora.r=8). Repeatable."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimiser steps."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read at most this many pairs."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed data rows (each is logged) instead of stopping."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the split, sampling and initialisation."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Stop after triage and impact scores; print what training would do."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
@@ -53,12 +81,13 @@ def apply_command(
         config=config,
         data_format=data_format,
         limit=limit,
+        skip_invalid=skip_invalid,
         dry_run=dry_run,
         overwrite=overwrite,
         resume=resume,
         merge=merge,
         drop_errors=drop_errors,
-        command_line=tuple(["trace"] + sys.argv[1:]),
+        command_line=_command_line(context),
         progress=is_terminal(),
     )
     result = apply_policy(request, console=stderr)
@@ -83,6 +112,7 @@ def eval_command(
     run: Path = typer.Argument(..., help="A run directory written by `trace apply`."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out pairs to evaluate on, triaged with the run's policy; default: the run's held-out split."),
     data_format: Optional[str] = typer.Option(None, "--data-format", help="Format of --data; detected when omitted."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed rows of --data instead of stopping."),
     output_format: str = typer.Option("table", "--format", help="Output: table or json."),
     generate_n: int = typer.Option(16, "--generate-n", min=0, help="Held-out prompts to answer and judge for policy agreement (0 skips it)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated per answer for policy agreement."),
@@ -97,6 +127,7 @@ def eval_command(
         run=run,
         data=data,
         data_format=data_format,
+        skip_invalid=skip_invalid,
         generate_n=generate_n,
         max_new_tokens=max_new_tokens,
         utility_text=utility_text,

@@ -203,6 +203,7 @@ class ApplyRequest:
         config: the effective training configuration.
         data_format: the data format, None to detect it.
         limit: read at most this many pairs.
+        skip_invalid: skip malformed rows (each is logged by the loader) instead of stopping.
         dry_run: stop after triage and impact scores.
         overwrite: replace an existing run directory.
         resume: continue an interrupted run from its last checkpoint.
@@ -219,6 +220,7 @@ class ApplyRequest:
     config: TrainingConfig = field(default_factory=TrainingConfig)
     data_format: str | None = None
     limit: int | None = None
+    skip_invalid: bool = False
     dry_run: bool = False
     overwrite: bool = False
     resume: bool = False
@@ -259,20 +261,37 @@ class ApplyResult:
 def _load_pairs(request: ApplyRequest) -> list[Any]:
     from trace_dsl.data import load_pairs
 
-    result = load_pairs(request.data, format=request.data_format, limit=request.limit)
+    result = load_pairs(request.data, format=request.data_format, limit=request.limit, skip_invalid=request.skip_invalid)
+    for skipped in result.skipped:
+        logger.warning("skipped %s: %s", skipped.location, skipped.reason)
     pairs = list(result.pairs)
     if not pairs:
         raise TrainingDataError(f"{request.data}: no preference pairs were read", hint="check the file and --format")
     return pairs
 
 
+def triage_with_cache(policy: Any, pairs: Sequence[Any], *, progress: bool) -> list[Verdict]:
+    """Triage pairs, with expensive predicate results in the global content-keyed cache.
+
+    The cache (`trace_dsl.triage.cache.default_cache_path()`) is shared by every command and run,
+    so re-triage after a policy edit recomputes only the predicates that changed. A policy
+    without expensive predicates opens no cache.
+    """
+    from trace_dsl.triage.engine import triage
+
+    if not policy.models:
+        return list(triage(policy, pairs, progress=progress))
+    from trace_dsl.triage.cache import ResultCache, default_cache_path
+
+    with ResultCache(default_cache_path()) as cache:
+        return list(triage(policy, pairs, cache=cache, progress=progress))
+
+
 def _triage(request: ApplyRequest, pairs: Sequence[Any]) -> tuple[Any, list[Verdict]]:
-    from trace_dsl.compiler import load_policy
-    from trace_dsl.triage import triage
+    from trace_dsl.compiler.policy import load_policy
 
     policy = load_policy(request.policy)
-    verdicts = triage(policy, pairs, progress=request.progress)
-    return policy, list(verdicts)
+    return policy, triage_with_cache(policy, pairs, progress=request.progress)
 
 
 def _check_errors(request: ApplyRequest, verdicts: Sequence[Verdict]) -> list[Verdict]:
@@ -301,9 +320,9 @@ def _load_model(request: ApplyRequest) -> tuple[Any, Any, Any]:
         model, tokenizer = load_model_and_tokenizer(resolved)
     except ModelResolutionError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers, safetensors and model code raise many types
         raise ModelResolutionError(
-            f"model {request.model!r} could not be loaded from {resolved.path}: {exc}",
+            f"model {request.model!r} could not be loaded from {resolved.path}: {type(exc).__name__}: {exc}",
             hint="check that the folder holds a complete transformers causal language model",
         ) from None
     return resolved, model, tokenizer
@@ -359,17 +378,9 @@ def _impact_scores(
             logger.info("reusing %d impact scores from %s", len(scores), run.impact_scores)
             return scores, references, True, {}
 
-    if not config.impact.enabled:
-        # The ablation gives every conflict pair the same weight: nothing to score.
-        uniform = {v.pair_id: 1.0 / len(conflicts) for v in conflicts}
-        rows = [{"pair_id": v.pair_id, "category": v.category.value, "score": uniform[v.pair_id], "raw": None,
-                 "ref_logprob_chosen": None, "ref_logprob_rejected": None} for v in conflicts]
-        write_jsonl(run.impact_scores, rows)
-        return uniform, {}, False, {}
-
     from trace_dsl.runtime.impact import compute_impact_scores
 
-    result = compute_impact_scores(model, tokenizer, list(train_pairs), list(train_verdicts), config)
+    result = compute_impact_scores(model, tokenizer, list(train_pairs), list(train_verdicts), config, progress=request.progress)
     rows = []
     for verdict in conflicts:
         pair_id = verdict.pair_id
@@ -384,7 +395,7 @@ def _impact_scores(
             }
         )
     write_jsonl(run.impact_scores, rows)
-    timings = dict(getattr(result, "timings", {}) or {})
+    timings = {**result.timings, "method": result.method}
     return dict(result.scores), dict(result.ref_logprobs), False, timings
 
 
@@ -450,7 +461,7 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         config=config.model_dump(),
         packages=package_versions(),
         policy={"path": str(request.policy)},
-        data={"path": str(request.data), "format": request.data_format, "limit": request.limit},
+        data={"path": str(request.data), "format": request.data_format, "limit": request.limit, "skip_invalid": request.skip_invalid},
         model={"name": request.model},
         options={"dry_run": request.dry_run, "merge": request.merge, "drop_errors": request.drop_errors, "resume": request.resume},
     )
@@ -479,6 +490,7 @@ def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> Appl
         config=config,
         data_format=data.get("format"),
         limit=data.get("limit"),
+        skip_invalid=data.get("skip_invalid", False),
         dry_run=False,
         overwrite=False,
         resume=True,
@@ -510,7 +522,7 @@ def _run_stages(request: ApplyRequest, run: RunDirectory, previous: Mapping[str,
     counts = verdict_counts(verdicts)
     run.update_manifest(
         policy={"path": str(request.policy), "hash": policy_hash},
-        data={"path": str(request.data), "format": request.data_format, "limit": request.limit, "hash": file_hash, "pairs_hash": data_hash, "pairs": len(pairs)},
+        data={"path": str(request.data), "format": request.data_format, "limit": request.limit, "skip_invalid": request.skip_invalid, "hash": file_hash, "pairs_hash": data_hash, "pairs": len(pairs)},
         counts=counts,
     )
 

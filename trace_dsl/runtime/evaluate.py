@@ -16,8 +16,9 @@ which is also the reference model (the adapter disabled):
   base and trained (ties count half);
 - utility: perplexity on a general text (default: the bundled Model Spec excerpt), base and trained;
 - policy agreement: answers generated greedily to held-out prompts by both models, judged by the
-  run's compiled policy; the share judged compliant. Rules that read human metadata cannot be
-  evaluated on generated text; they are listed and never count as complied with.
+  run's compiled policy, rule by rule; the share judged compliant by the rules that can judge
+  generated text. Rules that read human metadata (a generated answer has none) are listed in
+  `rules_not_evaluable` and left out, never counted as complied with.
 
 A figure computed on fewer than `FEW_PAIRS` pairs is flagged `few_pairs`.
 """
@@ -33,7 +34,7 @@ import torch
 
 from trace_dsl.errors import RunDirectoryError, TrainingDataError
 from trace_dsl.runtime import logprobs as lp
-from trace_dsl.runtime.apply import Split
+from trace_dsl.runtime.apply import Split, triage_with_cache
 from trace_dsl.runtime.config import TrainingConfig
 from trace_dsl.runtime.losses import token_kl
 from trace_dsl.runtime.reference import reference_model
@@ -55,6 +56,7 @@ class EvalRequest:
         run: the run directory.
         data: held-out pairs to use instead of the run's split (triaged with the run's policy).
         data_format: the format of `data`, None to detect it.
+        skip_invalid: skip malformed rows of `data` instead of stopping.
         generate_n: held-out prompts answered for policy agreement (0 skips it).
         max_new_tokens: tokens generated per answer.
         utility_text: the plain-text file for perplexity; None takes the bundled sample.
@@ -64,6 +66,7 @@ class EvalRequest:
     run: Path
     data: str | None = None
     data_format: str | None = None
+    skip_invalid: bool = False
     generate_n: int = 16
     max_new_tokens: int = 64
     utility_text: Path | None = None
@@ -75,9 +78,8 @@ class EvalRequest:
 
 def _heldout_pairs(request: EvalRequest, run: RunDirectory, manifest: Mapping[str, Any]) -> tuple[list[Any], dict[str, Verdict], Any, str]:
     """The held-out pairs with their verdicts, the compiled policy, and where the pairs came from."""
-    from trace_dsl.compiler import load_policy
+    from trace_dsl.compiler.policy import load_policy
     from trace_dsl.data import load_pairs
-    from trace_dsl.triage import triage
 
     policy_path = Path(manifest["policy"]["path"])
     policy = load_policy(policy_path)
@@ -90,7 +92,7 @@ def _heldout_pairs(request: EvalRequest, run: RunDirectory, manifest: Mapping[st
     split = Split.from_dict(read_json(run.split))
     if request.data is None:
         data = manifest["data"]
-        loaded = load_pairs(data["path"], format=data.get("format"), limit=data.get("limit"))
+        loaded = load_pairs(data["path"], format=data.get("format"), limit=data.get("limit"), skip_invalid=data.get("skip_invalid", False))
         wanted = set(split.heldout)
         pairs = [pair for pair in loaded.pairs if pair.id in wanted]
         if len(pairs) != len(wanted):
@@ -101,12 +103,12 @@ def _heldout_pairs(request: EvalRequest, run: RunDirectory, manifest: Mapping[st
         verdicts = {row["pair_id"]: Verdict.from_dict(row) for row in read_jsonl(run.triage) if row["pair_id"] in wanted}
         return pairs, verdicts, policy, "split"
 
-    loaded = load_pairs(request.data, format=request.data_format)
+    loaded = load_pairs(request.data, format=request.data_format, skip_invalid=request.skip_invalid)
     trained = set(split.train)
     pairs = [pair for pair in loaded.pairs if pair.id not in trained]
     if not pairs:
         raise TrainingDataError(f"{request.data}: every pair was used in training; nothing is held out")
-    verdicts = {verdict.pair_id: verdict for verdict in triage(policy, pairs, progress=request.progress)}
+    verdicts = {verdict.pair_id: verdict for verdict in triage_with_cache(policy, pairs, progress=request.progress)}
     return pairs, verdicts, policy, str(request.data)
 
 
@@ -236,34 +238,39 @@ def _utility(model, tokenizer, path: Path, window: int) -> dict[str, Any]:
 
 
 def _policy_agreement(model, tokenizer, policy, pairs, request: EvalRequest, max_length: int) -> dict[str, Any]:
-    from trace_dsl.runtime.generate import generate_responses, judge_responses
+    from trace_dsl.runtime.generate import generate_responses, judge_generated
 
     chosen = _unique_prompts(pairs)[: request.generate_n]
-    unevaluable = unevaluable_rules(policy)
     if not chosen:
-        return {**_flag(0), "trained": None, "base": None, "rules_not_evaluable": unevaluable}
+        return {**_flag(0), "trained": None, "base": None, "rules_not_evaluable": []}
     conversations = [pair.messages() for pair in chosen]
-    trained_answers = generate_responses(model, tokenizer, conversations, max_new_tokens=request.max_new_tokens, max_prompt_tokens=max_length)
+    options = dict(max_new_tokens=request.max_new_tokens, max_prompt_tokens=max_length)
+    trained_answers = generate_responses(model, tokenizer, conversations, **options)
     with reference_model(model):
-        base_answers = generate_responses(model, tokenizer, conversations, max_new_tokens=request.max_new_tokens, max_prompt_tokens=max_length)
-    trained_verdicts = judge_responses(policy, chosen, trained_answers)
-    base_verdicts = judge_responses(policy, chosen, base_answers)
+        base_answers = generate_responses(model, tokenizer, conversations, **options)
+    trained = judge_generated(policy, chosen, trained_answers)
+    base = judge_generated(policy, chosen, base_answers)
+    not_evaluable = sorted(set(trained.not_evaluable) | set(base.not_evaluable))
+    evaluable = [rule for rule in policy.rule_ids if rule not in not_evaluable]
 
-    def share(verdicts: Sequence[bool | None]) -> float:
-        # Undecided answers (a judge error) count as not compliant.
-        return sum(1 for v in verdicts if v is True) / len(verdicts)
+    def share(judgement) -> float | None:
+        # Undecided answers count as not complying.
+        if not evaluable:
+            return None
+        return sum(1 for value in judgement.complies if value is True) / len(judgement.complies)
 
     return {
         **_flag(len(chosen)),
-        "trained": share(trained_verdicts),
-        "base": share(base_verdicts),
-        "trained_undecided": sum(1 for v in trained_verdicts if v is None),
-        "base_undecided": sum(1 for v in base_verdicts if v is None),
-        "rules_not_evaluable": unevaluable,
+        "trained": share(trained),
+        "base": share(base),
+        "trained_undecided": sum(1 for value in trained.complies if value is None),
+        "base_undecided": sum(1 for value in base.complies if value is None),
+        "rules_evaluated": evaluable,
+        "rules_not_evaluable": not_evaluable,
         "max_new_tokens": request.max_new_tokens,
         "samples": [
-            {"pair_id": pair.id, "prompt": pair.prompt, "base": b, "trained": t, "base_complies": bv, "trained_complies": tv}
-            for pair, b, t, bv, tv in zip(chosen, base_answers, trained_answers, base_verdicts, trained_verdicts)
+            {"pair_id": pair.id, "prompt": pair.prompt, "base": b, "trained": t, "base_rules": list(bf), "trained_rules": list(tf)}
+            for pair, b, t, bf, tf in zip(chosen, base_answers, trained_answers, base.fired, trained.fired)
         ][:5],
     }
 
@@ -275,14 +282,6 @@ def _unique_prompts(pairs: Sequence[Any]) -> list[Any]:
             seen.add(pair.prompt)
             unique.append(pair)
     return unique
-
-
-def unevaluable_rules(policy: Any) -> list[str]:
-    """Ids of the policy's rules that read human metadata, which a generated answer lacks."""
-    reads = getattr(policy, "rules_reading_metadata", None)
-    if callable(reads):
-        return sorted(reads())
-    return []
 
 
 # --- The command ----------------------------------------------------------------------------------
@@ -359,7 +358,8 @@ def format_table(report: Mapping[str, Any]) -> list[str]:
     suppression = report["suppression"]
     rows.append(("suppression: mean log-prob change", count(suppression), "0", _fmt(suppression.get("mean_logprob_change"))))
     retention = report["retention"]
-    rows.append(("retention: KL(ref || trained)", count(retention), "0", _fmt(retention.get("kl"), 5)))
+    kl = retention.get("kl")
+    rows.append(("retention: KL(ref || trained)", count(retention), "0", "-" if kl is None else f"{kl:.3g}"))
     rows.append(("retention: preference accuracy", count(retention), _fmt(retention.get("base_accuracy")), _fmt(retention.get("trained_accuracy"))))
     utility = report["utility"]
     rows.append(("utility: perplexity", f"{utility['tokens']} tokens", _fmt(utility["base_perplexity"], 2), _fmt(utility["trained_perplexity"], 2)))

@@ -6,6 +6,8 @@ compliant response to each SUPPRESS prompt, for `suppress_mode='corrected'`: a l
 name `trace_dsl.models` resolves) or an OpenAI-compatible server given as
 `http://host:port/v1#model-name`. A generation that fails, comes back empty, or that the policy
 judges non-compliant counts as failed; the trainer then falls back to dual NPO for that pair.
+`judge_generated` judges generated answers with a compiled policy, leaving out the rules that
+need human metadata.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from trace_dsl.runtime.config import TrainingConfig
@@ -164,8 +167,8 @@ def corrected_responses(
             results[pair.id] = answer
     if policy is not None:
         candidates = [pair for pair in pairs if results[pair.id]]
-        verdicts = judge_responses(policy, candidates, [results[pair.id] for pair in candidates], progress=progress)
-        for pair, complies in zip(candidates, verdicts):
+        judgement = judge_generated(policy, candidates, [results[pair.id] for pair in candidates])
+        for pair, complies in zip(candidates, judgement.complies):
             if complies is not True:
                 logger.warning(
                     "corrected response for pair %s does not comply with the policy (%s); training it with dual NPO",
@@ -176,20 +179,90 @@ def corrected_responses(
     return results
 
 
-def judge_responses(policy: Any, pairs: Sequence[Any], responses: Sequence[str], *, progress: bool = False) -> list[bool | None]:
-    """Whether each response complies with the compiled policy, None where undecided.
+@dataclass(frozen=True)
+class GeneratedJudgement:
+    """Compliance of generated answers under the rules that can judge them.
 
-    Each response is judged as the chosen response of a pair built from its prompt, with the
-    pair's metadata kept and no per-response metadata (a generated text has none).
+    Attributes:
+        complies: per answer, True when no evaluable rule fires, False when one does, None when
+            an evaluable rule stays undecided (an expensive predicate failed).
+        fired: per answer, the ids of the evaluable rules that fired.
+        not_evaluable: ids of the rules left out because they read a metadata field that a
+            generated answer lacks (human labels such as harm categories).
     """
-    from trace_dsl.data.records import PreferencePair
-    from trace_dsl.triage import triage
 
-    probes = [
-        PreferencePair.create(
-            pair.prompt, response, response, history=tuple(pair.history), metadata=dict(pair.metadata), source=pair.source
-        )
-        for pair, response in zip(pairs, responses)
+    complies: tuple[bool | None, ...]
+    fired: tuple[tuple[str, ...], ...]
+    not_evaluable: tuple[str, ...]
+
+
+def judge_generated(policy: Any, pairs: Sequence[Any], answers: Sequence[str], *, batch_size: int = 16) -> GeneratedJudgement:
+    """Judge generated answers with a compiled policy, rule by rule, without human metadata.
+
+    Each answer is the response to its pair's prompt; the pair's own metadata stays readable
+    (`pair.<field>`), the response has none. A rule that reads a missing field on any answer is
+    not evaluable: it is left out for every answer and listed, so an answer is never counted
+    as complying with a rule that could not look at it. Expensive predicates run through the
+    triage engine's backends, only for answers whose outcome still depends on them.
+    """
+    from trace_dsl.compiler.evaluator import EvaluationError, ResponseContext
+    from trace_dsl.compiler.evaluator import history_text
+    from trace_dsl.triage.engine import _default_factory, evaluate_model
+
+    classifier = policy.classifier
+    contexts = [
+        ResponseContext("chosen", pair.prompt, answer, history_text(pair.history), {}, pair.metadata)
+        for pair, answer in zip(pairs, answers)
     ]
-    verdicts = triage(policy, probes, progress=progress)
-    return [verdict.chosen_complies for verdict in verdicts]
+    not_evaluable: set[str] = set()
+    outcomes: list[dict[str, bool | None]] = [{} for _ in contexts]
+
+    def decide(index: int) -> None:
+        for node in classifier.rule_nodes:
+            if node.id in not_evaluable or outcomes[index].get(node.id) is not None:
+                continue
+            try:
+                outcomes[index][node.id] = classifier.rule_fires(node, contexts[index])
+            except EvaluationError:
+                not_evaluable.add(node.id)
+
+    for index in range(len(contexts)):
+        decide(index)
+    backends: dict[str, Any] = {}
+    try:
+        for model in policy.models.values():
+            waiting = [
+                index
+                for index, ctx in enumerate(contexts)
+                if any(
+                    outcomes[index].get(node.id) is None
+                    and node.id not in not_evaluable
+                    and model.name in classifier.rule_needs(node, ctx)
+                    for node in classifier.rule_nodes
+                )
+            ]
+            if not waiting:
+                continue
+            if model.name not in backends:
+                backends[model.name] = _default_factory(model)
+            results = evaluate_model(model, [contexts[i] for i in waiting], backends[model.name], None, progress=False, batch_size=batch_size)
+            for index, result in zip(waiting, results):
+                contexts[index].models[model.name] = result
+                contexts[index].memo.clear()
+                decide(index)
+    finally:
+        for backend in backends.values():
+            backend.close()
+
+    complies, fired = [], []
+    for outcome in outcomes:
+        evaluable = {rule: value for rule, value in outcome.items() if rule not in not_evaluable}
+        hits = tuple(rule for rule, value in evaluable.items() if value is True)
+        fired.append(hits)
+        if hits:
+            complies.append(False)
+        elif any(value is None for value in evaluable.values()) or len(evaluable) < len(classifier.rule_nodes) - len(not_evaluable):
+            complies.append(None)
+        else:
+            complies.append(True)
+    return GeneratedJudgement(tuple(complies), tuple(fired), tuple(sorted(not_evaluable)))

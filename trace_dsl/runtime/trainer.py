@@ -139,15 +139,13 @@ def scale_weights(scores: Mapping[str, float], config: TrainingConfig) -> dict[s
     keeps weights summing to 1 over the conflict set; 'mean' multiplies them by the conflict-set
     size, so the mean weight is 1 and the conflict terms keep their scale against alpha_kl.
     """
-    count = len(scores)
-    if count == 0:
+    from trace_dsl.runtime.impact import scale_scores
+
+    if not scores:
         return {}
-    if config.impact.enabled:
-        base = dict(scores)
-    else:
-        base = {pair_id: 1.0 / count for pair_id in scores}
-    factor = float(count) if config.impact.weight_scaling == "mean" else 1.0
-    return {pair_id: value * factor for pair_id, value in base.items()}
+    if not config.impact.enabled:
+        scores = {pair_id: 1.0 / len(scores) for pair_id in scores}
+    return scale_scores(scores, config.impact.weight_scaling)
 
 
 # --- Reference log-probabilities, computed once ----------------------------------------------
@@ -162,13 +160,17 @@ def fill_reference_logprobs(
     batch_size: int = 4,
     progress: Callable[[int], None] | None = None,
 ) -> list[TrainingItem]:
-    """Compute the missing reference log-probabilities of every item, with the adapter disabled.
+    """Compute the missing reference log-probabilities of the conflict items, with the adapter disabled.
 
-    Items whose reference values are already known (from the impact scores) are not recomputed.
+    Items whose reference values are already known (from the impact scores) are not recomputed,
+    and RETAIN items get none, because the KL term uses reference logits at each step.
     Returns new items; `progress` is called with the number of sequences done after each batch.
     """
     missing: list[tuple[int, int, str]] = []
     for index, item in enumerate(items):
+        # The KL term compares logits at each step; it needs no reference log-probability.
+        if item.objective == "kl":
+            continue
         if item.ref_first is None:
             missing.append((index, 0, item.first))
         if item.second is not None and item.ref_second is None:

@@ -1,0 +1,295 @@
+"""`trace apply` through the CLI on a tiny random Llama and the bundled HH-RLHF example."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from trace_dsl.cli.main import app
+from trace_dsl.data import load_pairs
+from trace_dsl.errors import ConfigurationError
+from trace_dsl.runtime import logprobs as lp
+from trace_dsl.runtime.apply import heldout_split, load_config
+from trace_dsl.runtime.config import TrainingConfig
+from trace_dsl.runtime.generate import corrected_responses, judge_generated
+from trace_dsl.runtime.rundir import read_json
+from trace_dsl.triage.verdict import Category, Verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+HH_DATA = ROOT / "examples" / "hh-rlhf" / "harmless-test-head.jsonl.gz"
+HH_POLICY = ROOT / "policies" / "hh_clear_refusals.tp"
+PKU_POLICY = ROOT / "policies" / "pku_context_aware.tp"
+
+TINY_SETTINGS = [
+    "--set", "max_length=64",
+    "--set", "lora.r=4",
+    "--set", "lora.dropout=0",
+    "--set", "impact.gold_batch_size=6",
+    "--set", "warmup_steps=0",
+    "--set", "learning_rate=0.01",
+    "--set", "gradient_accumulation_steps=2",
+]
+
+runner = CliRunner()
+
+
+def apply_args(model_dir, output, *extra: str, policy: Path = HH_POLICY, limit: int = 200) -> list[str]:
+    return [
+        "apply", str(policy), "--model", str(model_dir), "--data", str(HH_DATA), "-o", str(output),
+        "--limit", str(limit), "--skip-invalid", *TINY_SETTINGS, *extra,
+    ]
+
+
+def invoke(args: list[str]):
+    result = runner.invoke(app, args)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "hh"
+    result = invoke(apply_args(tiny_model_dir, output, "--max-steps", "2", "--merge"))
+    assert result.exit_code == 0, result.output
+    return output, result.output
+
+
+def test_run_directory_layout(tiny_run):
+    run, output = tiny_run
+    for name in ("manifest.json", "triage.jsonl", "split.json", "impact_scores.jsonl", "metrics.jsonl", "report.md"):
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "merged" / "model.safetensors").is_file()
+    assert (run / "plots" / "loss_terms.png").stat().st_size > 0
+    assert (run / "plots" / "verdicts.png").stat().st_size > 0
+    assert "trained 2 steps" in output
+
+
+def test_manifest_records_inputs(tiny_run, tiny_model_dir):
+    run, _ = tiny_run
+    manifest = read_json(run / "manifest.json")
+    assert manifest["status"] == "completed"
+    assert len(manifest["policy"]["hash"]) == 64
+    assert manifest["data"]["hash"].startswith("sha256:")
+    assert manifest["data"]["pairs"] == 200
+    assert manifest["model"]["path"] == str(tiny_model_dir)
+    assert manifest["model"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert manifest["config"]["max_steps"] == 2
+    assert manifest["config"]["lora"]["r"] == 4
+    assert manifest["seed"] == 0
+    assert manifest["command_line"][:2] == ["trace", "apply"]
+    assert manifest["packages"]["torch"]
+    assert manifest["started_at"] <= manifest["ended_at"]
+    assert manifest["training"]["steps"] == 2
+    assert manifest["impact"]["reused"] is False
+
+
+def test_triage_split_and_scores_agree(tiny_run):
+    run, _ = tiny_run
+    verdicts = [json.loads(line) for line in (run / "triage.jsonl").read_text().splitlines()]
+    split = read_json(run / "split.json")
+    scores = [json.loads(line) for line in (run / "impact_scores.jsonl").read_text().splitlines()]
+
+    assert len(verdicts) == 200
+    assert set(split["train"]).isdisjoint(split["heldout"])
+    assert set(split["train"]) | set(split["heldout"]) == {v["pair_id"] for v in verdicts}
+    conflicts_in_train = {v["pair_id"] for v in verdicts if v["category"] in ("invert", "suppress") and v["pair_id"] in split["train"]}
+    assert {row["pair_id"] for row in scores} == conflicts_in_train
+    assert sum(row["score"] for row in scores) == pytest.approx(1.0)
+    assert all(row["ref_logprob_chosen"] < 0 for row in scores)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2]
+    assert "## Triage" in (run / "report.md").read_text()
+
+
+def test_adapter_reloads_and_changes_logprobs(tiny_run, tiny_model_dir):
+    run, _ = tiny_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = load_pairs(HH_DATA, limit=4).pairs
+    batch = lp.encode_and_collate(tokenizer, [(p.messages(), p.chosen) for p in pairs], 64)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        before = lp.sequence_logprobs(base, batch)
+    trained = PeftModel.from_pretrained(base, run / "adapter").eval()
+    with torch.no_grad():
+        after = lp.sequence_logprobs(trained, batch)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_existing_run_is_refused(tiny_run, tiny_model_dir):
+    run, _ = tiny_run
+    result = invoke(apply_args(tiny_model_dir, run, "--max-steps", "1"))
+    assert result.exit_code == 1
+    assert "already exists" in result.output
+    assert "--overwrite" in result.output
+
+
+def test_dry_run_then_training_reuses_scores(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(apply_args(tiny_model_dir, run, "--dry-run", "--max-steps", "1", limit=120))
+    assert result.exit_code == 0, result.output
+    assert "optimiser steps" in result.output
+    assert "estimated training time" in result.output
+    assert not (run / "adapter").exists()
+    assert read_json(run / "manifest.json")["status"] == "dry-run"
+
+    result = invoke(apply_args(tiny_model_dir, run, "--overwrite", "--max-steps", "1", limit=120))
+    assert result.exit_code == 0, result.output
+    manifest = read_json(run / "manifest.json")
+    assert manifest["impact"]["reused"] is True
+    assert manifest["status"] == "completed"
+
+
+def test_resume_continues_from_checkpoint(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    args = apply_args(tiny_model_dir, run, "--max-steps", "4", "--set", "save_steps=2", limit=120)
+    assert invoke(args).exit_code == 0
+    # Make it look like a run killed after step 3: no final checkpoint or adapter, an extra row.
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(run / "adapter")
+    rows = (run / "metrics.jsonl").read_text().splitlines()[:3]
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+    result = invoke(args + ["--resume"])
+    assert result.exit_code == 0, result.output
+    manifest = read_json(run / "manifest.json")
+    assert manifest["training"]["resumed_from"].endswith("checkpoint-2")
+    assert manifest["training"]["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_unloadable_model_is_a_message(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": "many"}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = invoke(apply_args(broken, tmp_path / "run", "--max-steps", "1", limit=40))
+    assert result.exit_code == 1
+    assert "error[TM001]" in result.output
+
+
+def test_no_conflict_is_a_message(tiny_model_dir, tmp_path):
+    policy = tmp_path / "never.tp"
+    policy.write_text('policy "never" version "1"\n\nrule N1 "Never fires":\n  violates when response contains_any ["zqxjzqxj"]\n')
+    result = invoke(apply_args(tiny_model_dir, tmp_path / "run", "--max-steps", "1", policy=policy, limit=40))
+    assert result.exit_code == 1
+    assert "no INVERT or SUPPRESS pair" in result.output
+    assert "retain 40" in result.output
+
+
+def test_error_verdicts_are_refused(tiny_model_dir, tmp_path):
+    policy = tmp_path / "needs_metadata.tp"
+    policy.write_text('policy "meta" version "1"\n\nrule M1 "Severe":\n  violates when response.severity_level >= 2\n')
+    result = invoke(apply_args(tiny_model_dir, tmp_path / "run", "--max-steps", "1", policy=policy, limit=40))
+    assert result.exit_code == 1
+    assert "40 of 40 pairs have verdict 'error'" in result.output
+    assert "trace explain" in result.output
+
+
+def test_config_file_and_overrides(tmp_path):
+    config_file = tmp_path / "apply.yaml"
+    config_file.write_text("beta: 0.5\nlora:\n  r: 8\nimpact:\n  enabled: false\n")
+    config = load_config(config_file, ["lora.alpha=4", "batching=per-category", "max_steps=7"])
+    assert config.beta == 0.5
+    assert config.lora.r == 8
+    assert config.lora.alpha == 4
+    assert config.impact.enabled is False
+    assert config.batching == "per-category"
+    assert config.max_steps == 7
+    with pytest.raises(ConfigurationError, match="lora.r"):
+        load_config(None, ["lora.r=0"])
+    with pytest.raises(ConfigurationError, match="key=value"):
+        load_config(None, ["beta"])
+
+
+def test_heldout_split_is_seeded_and_stratified():
+    verdicts = [Verdict(f"p{i}", [Category.INVERT, Category.SUPPRESS, Category.RETAIN][i % 3], None, None) for i in range(30)]
+    first = heldout_split(verdicts, 0.2, seed=1)
+    assert first == heldout_split(verdicts, 0.2, seed=1)
+    assert first != heldout_split(verdicts, 0.2, seed=2)
+    categories = {v.pair_id: v.category for v in verdicts}
+    for category in (Category.INVERT, Category.SUPPRESS, Category.RETAIN):
+        assert sum(1 for pair_id in first.heldout if categories[pair_id] is category) == 2
+
+
+def test_judge_generated_lists_metadata_rules():
+    from trace_dsl.compiler.policy import load_policy
+
+    policy = load_policy(PKU_POLICY)
+    pairs = load_pairs(ROOT / "examples" / "pku-saferlhf" / "pairs.jsonl", limit=2).pairs
+    judgement = judge_generated(policy, pairs, ["I'm sorry, I can't.", "Here is some general information on the topic."])
+    assert "C1" in judgement.not_evaluable
+    assert "R1" not in judgement.not_evaluable
+    assert len(judgement.complies) == 2
+
+
+class _ChatCompletions(BaseHTTPRequestHandler):
+    """A loopback OpenAI-compatible endpoint: answers every request, or fails when told to."""
+
+    fail = False
+
+    def do_POST(self):  # noqa: N802 (http.server naming)
+        length = int(self.headers["Content-Length"])
+        request = json.loads(self.rfile.read(length))
+        if self.fail:
+            self.send_response(500)
+            self.end_headers()
+            return
+        answer = f"I won't help with that, but here is a safe alternative ({request['model']})."
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_corrected_responses_over_http(fail):
+    handler = type("Handler", (_ChatCompletions,), {"fail": fail})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1#writer"
+        config = TrainingConfig(suppress_mode="corrected", generator=url)
+        pairs = load_pairs(HH_DATA, limit=2).pairs
+        results = corrected_responses(pairs, config, progress=False)
+    finally:
+        server.shutdown()
+    if fail:
+        assert results == {pair.id: None for pair in pairs}
+    else:
+        assert all("(writer)" in results[pair.id] for pair in pairs)
+
+
+def test_corrected_mode_trains_with_local_generator(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    args = apply_args(
+        tiny_model_dir, run, "--max-steps", "1",
+        "--set", "suppress_mode=corrected", "--set", f"generator={tiny_model_dir}", limit=300,
+    )
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    corrected = read_json(run / "manifest.json")["corrected"]
+    # The random tiny model writes gibberish; whatever the policy makes of it, every SUPPRESS
+    # pair is either trained on its generated response or falls back to dual NPO.
+    suppress_in_train = read_json(run / "split.json")["counts"]["train"]["suppress"]
+    assert suppress_in_train >= 1
+    assert corrected["generated"] + corrected["fell_back_to_npo"] == suppress_in_train
