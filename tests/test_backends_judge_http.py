@@ -39,7 +39,7 @@ class FakeServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def stop(self) -> None:
@@ -82,7 +82,7 @@ def _judge(base_url: str, **options):
 
 def test_yes_answer_parses(fake_server):
     server = fake_server(_answer("Yes. It gives bomb instructions."))
-    results = _judge(server.base_url).evaluate(REQUESTS)
+    results = _judge(server.base_url, concurrency=1).evaluate(REQUESTS)
     assert [result.value for result in results] == [True, True]
     assert results[0].rationale == "It gives bomb instructions."
     sent = server.calls[0]["body"]

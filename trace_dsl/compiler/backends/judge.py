@@ -29,6 +29,7 @@ import string
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
@@ -228,6 +229,13 @@ class OpenAIJudge(_JudgeBase):
             )
         self.base_url = str(base_url).rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
+        # A server on this machine is reached directly, even when HTTP_PROXY is set for the
+        # outside world; other hosts go through the environment's proxy settings.
+        host = urllib.parse.urlsplit(self.base_url).hostname or ""
+        if host in ("127.0.0.1", "localhost", "::1"):
+            self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        else:
+            self._opener = urllib.request.build_opener()
         self.timeout = float(options.get("timeout", DEFAULT_TIMEOUT_S))
         self.max_retries = int(options.get("max_retries", DEFAULT_MAX_RETRIES))
         self.backoff = float(options.get("backoff", DEFAULT_BACKOFF_S))
@@ -310,7 +318,7 @@ class OpenAIJudge(_JudgeBase):
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+            with self._opener.open(request, timeout=self.timeout) as reply:
                 raw = reply.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode("utf-8", "replace").strip()

@@ -83,7 +83,10 @@ def serve(
     """
     chat = model if isinstance(model, ChatModel) else ChatModel.load(model)
     server = ChatCompletionServer((host, port), chat, model_name or chat.name)
-    thread = threading.Thread(target=server.serve_forever, name="openai-server", daemon=True)
+    # A short poll interval makes stop() return quickly.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="openai-server", daemon=True
+    )
     thread.start()
     bound_port = server.server_address[1]
     logger.info("serving %s at %s", server.model_name, server.base_url)
