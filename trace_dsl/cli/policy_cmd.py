@@ -53,7 +53,7 @@ def _print(renderable: Any) -> None:
 
 
 def _print_text(text: str) -> None:
-    stdout.print(text, markup=False, highlight=False)
+    stdout.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _load_data(data: str, data_format: Optional[str], skip_invalid: bool, limit: Optional[int] = None):
@@ -61,7 +61,7 @@ def _load_data(data: str, data_format: Optional[str], skip_invalid: bool, limit:
 
     result = load_pairs(data, format=data_format, skip_invalid=skip_invalid, limit=limit)
     if result.skipped:
-        stderr.print(f"note: {result.summary()}", markup=False, highlight=False)
+        stderr.print(f"note: {result.summary()}", markup=False, highlight=False, soft_wrap=True)
     return result.pairs
 
 
@@ -112,7 +112,7 @@ def check_command(
             if result.ok:
                 _print_text(f"{file}: ok")
         if errors:
-            stderr.print(f"{errors} error{'s' if errors != 1 else ''} in {len(files)} file(s)", markup=False)
+            stderr.print(f"{errors} error{'s' if errors != 1 else ''} in {len(files)} file(s)", markup=False, soft_wrap=True)
     if errors:
         raise typer.Exit(1)
 
@@ -201,7 +201,7 @@ def test_command(
         try:
             policy = load_policy(file)
         except PolicyCheckError as exc:
-            stderr.print(exc.message, markup=False, highlight=False)
+            stderr.print(exc.message, markup=False, highlight=False, soft_wrap=True)
             failed = True
             continue
         cache = _open_cache(policy, cache_path, no_cache)
@@ -228,8 +228,8 @@ def test_command(
 # ---- trace triage --------------------------------------------------------------------------------------------
 
 
-def _summary_table(counts: dict[str, int], total: int, title: str) -> Table:
-    table = Table(title=title, box=box.SIMPLE)
+def _summary_table(counts: dict[str, int], total: int) -> Table:
+    table = Table(box=box.SIMPLE)
     table.add_column("category")
     table.add_column("pairs", justify="right")
     table.add_column("share", justify="right")
@@ -274,13 +274,14 @@ def triage_command(
             cache.close()
     write_verdicts(verdicts, output, kind)
     counts = summarize(verdicts)
-    stderr.print(f"wrote {len(verdicts)} verdicts to {output}", markup=False, highlight=False)
+    stderr.print(f"wrote {len(verdicts)} verdicts to {output}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         payload = {"schema_version": SCHEMA_VERSION, "policy": str(policy_path), "policy_hash": policy.hash,
                    "data": data, "output": str(output), "pairs": len(verdicts), "categories": counts}
         _print_text(json.dumps(payload, indent=2))
     else:
-        _print(_summary_table(counts, len(verdicts), f"{policy.name} {policy.version} on {data}"))
+        _print_text(f"{policy.name} {policy.version} (policy hash {policy.hash[:12]}) on {data}")
+        _print(_summary_table(counts, len(verdicts)))
 
 
 # ---- trace explain ---------------------------------------------------------------------------------------------

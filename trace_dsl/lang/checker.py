@@ -257,9 +257,10 @@ class _Checker:
         visible = self.visible.get(self.module, {})
         definition = visible.get(ref.name)
         if definition is None:
-            hint = did_you_mean(ref.name, visible)
-            if hint is None and ref.name in self.definitions:
+            if ref.name in self.definitions:
                 hint = f"`{ref.name}` is defined in {self.definitions[ref.name].module}; import that file"
+            else:
+                hint = did_you_mean(ref.name, visible)
             self.error("TP101", f"unknown name `{ref.name}`", ref.span,
                        hint=hint or "define it with `let` or `predicate`, or import the file that does")
         return definition
