@@ -518,9 +518,33 @@ def _inversion_factor(config: TrainingConfig) -> float:
     return config.beta / 2.0 if config.inversion_loss == "sigmoid" else 1.0 / config.beta
 
 
-def _conflict_examples(
+def raw_impact_scores(
+    invert: Sequence[PreferencePair],
+    suppress: Sequence[PreferencePair],
+    derivatives: Mapping[tuple[str, Side], float],
+    config: TrainingConfig,
+) -> dict[str, float]:
+    """Combine directional derivatives into raw scores (1/gamma) <g_J, g_i>, before clipping.
+
+    `derivatives` maps (pair id, "chosen" or "rejected") to d(y) = <g_J, grad log p(y|x)>. The
+    factors are derived in the module docstring: -c (d(y_l) - d(y_w)) for INVERT, with c = beta/2
+    for the sigmoid inversion loss and 1/beta for IPO, and (beta/2) (d(y_w) + d(y_l)) for
+    SUPPRESS.
+    """
+    gamma = config.impact.gamma
+    inversion_factor = _inversion_factor(config)
+    raw = {}
+    for pair in invert:
+        raw[pair.id] = -inversion_factor * (derivatives[(pair.id, "rejected")] - derivatives[(pair.id, "chosen")]) / gamma
+    for pair in suppress:
+        raw[pair.id] = (config.beta / 2.0) * (derivatives[(pair.id, "chosen")] + derivatives[(pair.id, "rejected")]) / gamma
+    return raw
+
+
+def conflict_examples(
     tokenizer, conflicts: Sequence[PreferencePair], max_length: int
 ) -> tuple[list[EncodedExample], list[tuple[str, Side]]]:
+    """Encode both responses of every conflict pair, with the (pair id, side) key of each."""
     examples, keys = [], []
     for pair in conflicts:
         messages = pair.messages()
@@ -603,7 +627,7 @@ def _compute_impact_scores(model, tokenizer, pairs, verdicts, config: TrainingCo
         )
     _check_fresh_adapter(model)
     impact = config.impact
-    examples, keys = _conflict_examples(tokenizer, conflicts, config.max_length)
+    examples, keys = conflict_examples(tokenizer, conflicts, config.max_length)
 
     if not impact.enabled:
         logprobs = _reference_logprobs_only(model, tokenizer, examples, impact.batch_size, layout)
@@ -637,13 +661,8 @@ def _compute_impact_scores(model, tokenizer, pairs, verdicts, config: TrainingCo
         )
     responses_seconds = time.perf_counter() - responses_started
 
-    d = {key: float(value) for key, value in zip(keys, derivatives)}
-    inversion_factor = _inversion_factor(config)
-    raw = {}
-    for pair in invert:
-        raw[pair.id] = -inversion_factor * (d[(pair.id, "rejected")] - d[(pair.id, "chosen")]) / impact.gamma
-    for pair in suppress:
-        raw[pair.id] = (config.beta / 2.0) * (d[(pair.id, "chosen")] + d[(pair.id, "rejected")]) / impact.gamma
+    derivative_map = {key: float(value) for key, value in zip(keys, derivatives)}
+    raw = raw_impact_scores(invert, suppress, derivative_map, config)
     if not all(math.isfinite(value) for value in raw.values()):
         raise ValueError("impact scores are not finite; check the model's dtype and the data for empty responses")
 
