@@ -143,6 +143,8 @@ def triage(
         JudgeError: a backend cannot be created (its model is missing, options invalid).
     """
     pairs = list(pairs)
+    if not policy.models:
+        return _triage_rules_only(policy, pairs, progress)
     states: list[tuple[_State, _State]] = []
     classifier = policy.classifier
     with _bar(progress and len(pairs) >= 2000) as bar:
@@ -159,6 +161,34 @@ def triage(
     if policy.models:
         _run_rounds(policy, states, cache, progress, backends or {}, backend_factory or _default_factory, batch_size)
     return [_verdict(pair, chosen, rejected, policy.hash) for pair, (chosen, rejected) in zip(pairs, states)]
+
+
+def _triage_rules_only(policy: CompiledPolicy, pairs: list[PreferencePair], progress: bool) -> list[Verdict]:
+    """Triage with a policy without expensive predicates: one generated-function call per response.
+
+    A response the function cannot evaluate (a missing field) goes through the full classifier,
+    which names the problem in the verdict.
+    """
+    rules = policy.classifier.cheap_function
+    verdicts = []
+    with _bar(progress and len(pairs) >= 2000) as bar:
+        task = bar.add_task("triage (rules)", total=len(pairs))
+        for index, pair in enumerate(pairs):
+            history = history_text(pair.history) if pair.history else ""
+            try:
+                chosen = tuple(rules(pair.prompt, pair.chosen, history, pair.chosen_metadata, pair.metadata))
+                rejected = tuple(rules(pair.prompt, pair.rejected, history, pair.rejected_metadata, pair.metadata))
+            except Exception:  # noqa: BLE001 - the classifier below reports what went wrong
+                chosen_ctx, rejected_ctx = response_contexts(pair)
+                verdicts.append(_verdict(pair, _State(chosen_ctx, policy.classifier.classify(chosen_ctx)),
+                                         _State(rejected_ctx, policy.classifier.classify(rejected_ctx)), policy.hash))
+            else:
+                category = categorize(not chosen, not rejected)
+                verdicts.append(Verdict(pair.id, category, not chosen, not rejected, chosen, rejected, policy.hash))
+            if index % 1000 == 999:
+                bar.advance(task, 1000)
+        bar.update(task, completed=len(pairs))
+    return verdicts
 
 
 def _needed(states: list[tuple[_State, _State]]) -> list[_State]:
