@@ -132,16 +132,50 @@ def test_planned_verdicts_reject_other_pairs():
 
 
 def test_estimate_steps_epochs():
-    verdicts = [Verdict(str(i), Category.RETAIN, True, None) for i in range(103)]
+    verdicts = [Verdict(f"r{i}", Category.RETAIN, True, None) for i in range(103)]
+    verdicts += [Verdict(f"i{i}", Category.INVERT, False, True) for i in range(10)]
     verdicts.append(Verdict("err", Category.ERROR, None, None))
     config = TrainingConfig(per_device_batch_size=2, gradient_accumulation_steps=4, epochs=2.0, heldout_fraction=0.2)
     estimate = estimate_steps(verdicts, config)
-    # 103 trainable pairs; int(103 * 0.2) = 20 held out; 83 train pairs; ceil(83 / 8) = 11 per epoch.
-    assert estimate.pairs == 103
-    assert estimate.heldout_pairs == 20
-    assert estimate.train_pairs == 83
-    assert estimate.pairs_per_step == 8
+    # Held out per category: round(0.2 * 103) = 21 retain and round(0.2 * 10) = 2 invert.
+    # 82 + 8 = 90 training pairs: ceil(90 / 2) = 45 batches, 45 // 4 = 11 steps per epoch.
+    assert estimate.pairs == 113
+    assert estimate.heldout_pairs == 23
+    assert estimate.train_pairs == 90
+    assert estimate.train_counts == {"invert": 8, "suppress": 0, "retain": 82}
     assert estimate.steps == 22
+
+
+def test_estimate_steps_per_category_batching():
+    verdicts = [Verdict(f"r{i}", Category.RETAIN, True, None) for i in range(50)]
+    verdicts += [Verdict(f"i{i}", Category.INVERT, False, True) for i in range(10)]
+    config = TrainingConfig(batching="per-category", heldout_fraction=0.0, gradient_accumulation_steps=1)
+    # The largest category sets the epoch: 50 retain pairs at one per batch.
+    assert estimate_steps(verdicts, config).steps == 50
+
+
+def test_estimate_matches_trainer_rule():
+    from trace_dsl.runtime.trainer import optimiser_steps
+
+    class Sizes:
+        """The two things `optimiser_steps` reads of an encoded dataset."""
+
+        def __init__(self, counts: dict[Category, int]) -> None:
+            self.counts = counts
+
+        def __len__(self) -> int:
+            return sum(self.counts.values())
+
+        def category_indices(self) -> dict[Category, list[int]]:
+            return {category: list(range(n)) for category, n in self.counts.items()}
+
+    verdicts = [Verdict(f"r{i}", Category.RETAIN, True, None) for i in range(37)]
+    verdicts += [Verdict(f"s{i}", Category.SUPPRESS, False, False) for i in range(11)]
+    for batching in ("mixed", "per-category"):
+        config = TrainingConfig(batching=batching, per_device_batch_size=3, gradient_accumulation_steps=2, epochs=1.5)
+        estimate = estimate_steps(verdicts, config)
+        counts = {Category(name): n for name, n in estimate.train_counts.items() if n}
+        assert estimate.steps == optimiser_steps(config, Sizes(counts))
 
 
 def test_estimate_steps_max_steps_wins():

@@ -10,25 +10,34 @@ from rich.console import Console
 from trace_dsl.data.records import PreferencePair
 from trace_dsl.triage.verdict import Category, Verdict
 from trace_dsl.versions.replay import flip_matrix, sample_flips
-from trace_dsl.versions.report import DiffReport, PredicateWork, render_json, render_markdown, render_table
-from trace_dsl.versions.static import ChangeKind, Definition, diff_definitions, referenced_names
+from trace_dsl.versions.report import DiffReport, TriageWork, render_json, render_markdown, render_table
+from trace_dsl.compiler.policy import PolicyElement
+from trace_dsl.versions.static import ChangeKind, diff_elements
 
 
-def rule(ident: str, text: str, title: str = "", uses: set[str] | None = None) -> Definition:
-    return Definition("rule", ident, title or ident, text, frozenset(uses or ()))
+def rule(ident: str, text: str, title: str = "", uses: set[str] | None = None) -> PolicyElement:
+    return PolicyElement("rule", ident, title or ident, text, frozenset(uses or ()))
 
 
-def predicate(ident: str, text: str, uses: set[str] | None = None) -> Definition:
-    return Definition("predicate", ident, "", text, frozenset(uses or ()))
+def predicate(ident: str, text: str, uses: set[str] | None = None) -> PolicyElement:
+    return PolicyElement("predicate", ident, "", text, frozenset(uses or ()))
+
+
+def let(ident: str, text: str) -> PolicyElement:
+    return PolicyElement("let", ident, "", text, frozenset())
 
 
 OLD_PREDICATES = {
+    "limit": let("limit", "3"),
+    "long": predicate("long", "words(response) > limit", {"limit"}),
     "weapons": predicate("weapons", 'response matches /gun/i'),
     "violent": predicate("violent", "weapons or gore", {"weapons", "gore"}),
     "gore": predicate("gore", 'response contains "blood"'),
     "old_only": predicate("old_only", "len(response) > 10"),
 }
 NEW_PREDICATES = {
+    "limit": let("limit", "5"),
+    "long": predicate("long", "words(response) > limit", {"limit"}),
     "weapons": predicate("weapons", 'response matches /gun|rifle/i'),
     "violent": predicate("violent", "weapons or gore", {"weapons", "gore"}),
     "gore": predicate("gore", 'response contains "blood"'),
@@ -47,7 +56,9 @@ NEW_RULES = {
 
 
 def make_diff():
-    return diff_definitions(OLD_RULES, NEW_RULES, OLD_PREDICATES, NEW_PREDICATES, old_hash="a" * 64, new_hash="b" * 64)
+    old = [*OLD_RULES.values(), *OLD_PREDICATES.values()]
+    new = [*NEW_RULES.values(), *NEW_PREDICATES.values()]
+    return diff_elements(old, new, old_hash="a" * 64, new_hash="b" * 64)
 
 
 def kinds(changes) -> dict[str, ChangeKind]:
@@ -71,7 +82,9 @@ def test_static_rules_by_kind():
 
 def test_static_predicates_by_kind():
     diff = make_diff()
+    assert kinds(diff.of("let")) == {"limit": ChangeKind.CHANGED}
     assert kinds(diff.of("predicate")) == {
+        "long": ChangeKind.AFFECTED,
         "old_only": ChangeKind.REMOVED,
         "refusal": ChangeKind.ADDED,
         "violent": ChangeKind.AFFECTED,
@@ -83,14 +96,10 @@ def test_static_predicates_by_kind():
 
 
 def test_static_identical_policies():
-    diff = diff_definitions(OLD_RULES, OLD_RULES, OLD_PREDICATES, OLD_PREDICATES, old_hash="a", new_hash="a")
+    same = [*OLD_RULES.values(), *OLD_PREDICATES.values()]
+    diff = diff_elements(same, same, old_hash="a", new_hash="a")
     assert diff.changes == ()
     assert diff.identical
-
-
-def test_referenced_names_skip_strings_and_regexes():
-    text = 'weapons and response contains "gore" or response matches /violent/ and not gore'
-    assert referenced_names(text, {"weapons", "gore", "violent"}) == {"weapons", "gore"}
 
 
 def make_report() -> DiffReport:
@@ -109,7 +118,7 @@ def make_report() -> DiffReport:
         dataset={"path": "data.jsonl", "hash": "c" * 64, "pairs": 4},
         matrix=flip_matrix(old, new),
         samples=sample_flips(pairs, old, new, samples=1),
-        work={"old": [PredicateWork("similar", "embedding", 0, 8)], "new": [PredicateWork("similar", "embedding", 2, 6)]},
+        work={"old": TriageWork({"similar": 0}, 8, 1.0), "new": TriageWork({"similar": 2}, 6, 2.0)},
     )
 
 
@@ -136,7 +145,7 @@ def test_json_report():
     assert data["flips"]["changed"] == 3
     assert data["static"]["rules"][0]["id"] == "dropped"
     assert [s["transition"] for s in data["samples"]] == ["retain:invert", "retain:error"]
-    assert data["work"]["new"] == [{"predicate": "similar", "backend": "embedding", "evaluated": 2, "cached": 6}]
+    assert data["work"]["new"] == {"evaluated": {"similar": 2}, "cached": 6, "seconds": 2.0}
 
 
 def test_table_report():

@@ -50,43 +50,62 @@ class StepEstimate:
         pairs: trainable pairs (every category but error).
         train_pairs: pairs left for training after the held-out split.
         heldout_pairs: pairs kept out for `trace eval`.
-        pairs_per_step: per-device batch times gradient accumulation.
+        train_counts: training pairs per category.
         steps: optimiser steps (`max_steps` when set, else epochs over the training pairs).
     """
 
     pairs: int
     train_pairs: int
     heldout_pairs: int
-    pairs_per_step: int
+    train_counts: Mapping[str, int]
     steps: int
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
         return {
             "pairs": self.pairs,
             "train_pairs": self.train_pairs,
             "heldout_pairs": self.heldout_pairs,
-            "pairs_per_step": self.pairs_per_step,
+            "train_counts": dict(self.train_counts),
             "steps": self.steps,
         }
 
 
-def estimate_steps(verdicts: Sequence[Verdict], config: TrainingConfig) -> StepEstimate:
-    """Estimate optimiser steps for one process from the verdicts and the training settings.
+def estimate_steps(verdicts: Sequence[Verdict], config: TrainingConfig, *, processes: int = 1) -> StepEstimate:
+    """Estimate the optimiser steps `trace apply` will run on these verdicts.
 
-    The held-out share is rounded down to whole pairs and taken out before training, and each
-    step consumes `per_device_batch_size * gradient_accumulation_steps` pairs. With several
-    processes each step consumes that many pairs per process, so divide by the process count.
+    Pairs in error are left out (as `trace apply --drop-errors` does), the rest is split with
+    the same seeded per-category held-out split as `trace apply`, and the step count follows the
+    trainer's rule: batches per epoch over the training pairs (per category with per-category
+    batching), divided among `processes`, then by gradient accumulation, times epochs.
     """
-    pairs = sum(1 for v in verdicts if v.category is not Category.ERROR)
-    heldout = int(pairs * config.heldout_fraction)
-    train = pairs - heldout
-    per_step = config.per_device_batch_size * config.gradient_accumulation_steps
+    from trace_dsl.runtime.apply import heldout_split
+
+    usable = [v for v in verdicts if v.category is not Category.ERROR]
+    split = heldout_split(usable, config.heldout_fraction, config.seed)
+    by_id = {v.pair_id: v.category for v in usable}
+    train_counts = {c.value: 0 for c in (Category.INVERT, Category.SUPPRESS, Category.RETAIN)}
+    for pair_id in split.train:
+        train_counts[by_id[pair_id].value] += 1
+
     if config.max_steps is not None:
         steps = config.max_steps
+    elif not split.train:
+        steps = 0
     else:
-        steps = math.ceil(config.epochs * math.ceil(train / per_step)) if train else 0
-    return StepEstimate(pairs=pairs, train_pairs=train, heldout_pairs=heldout, pairs_per_step=per_step, steps=steps)
+        if config.batching == "per-category":
+            batches = max(math.ceil(n / config.per_device_batch_size) for n in train_counts.values() if n)
+        else:
+            batches = math.ceil(len(split.train) / config.per_device_batch_size)
+        batches = math.ceil(batches / processes)
+        steps = math.ceil(max(1, batches // config.gradient_accumulation_steps) * config.epochs)
+    return StepEstimate(
+        pairs=len(usable),
+        train_pairs=len(split.train),
+        heldout_pairs=len(split.heldout),
+        train_counts=train_counts,
+        steps=steps,
+    )
 
 
 @dataclass(frozen=True, slots=True)

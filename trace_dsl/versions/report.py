@@ -23,24 +23,27 @@ SAMPLE_TEXT_CHARS = 240
 
 
 @dataclass(frozen=True, slots=True)
-class PredicateWork:
-    """Expensive-predicate work done for one policy version during the replay.
+class TriageWork:
+    """Expensive-predicate work done by one triage.
 
     Attributes:
-        predicate: the predicate name.
-        backend: the backend kind (embedding, classifier, judge, plugin).
-        evaluated: requests sent to the backend.
-        cached: requests answered from the result cache.
+        evaluated: requests sent to each expensive predicate's backend, by predicate name.
+        cached: requests answered from the result cache, over all predicates.
+        seconds: wall time of the triage.
     """
 
-    predicate: str
-    backend: str
-    evaluated: int
+    evaluated: Mapping[str, int]
     cached: int
+    seconds: float
+
+    @property
+    def total_evaluated(self) -> int:
+        """Requests sent to any backend."""
+        return sum(self.evaluated.values())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""
-        return {"predicate": self.predicate, "backend": self.backend, "evaluated": self.evaluated, "cached": self.cached}
+        return {"evaluated": dict(self.evaluated), "cached": self.cached, "seconds": round(self.seconds, 3)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,7 @@ class DiffReport:
         matrix: the flip matrix, old category by new category.
         samples: sample pairs per transition.
         transition: the transition the samples were restricted to, if any.
-        work: expensive-predicate work per version, `{"old": [...], "new": [...]}`.
+        work: expensive-predicate work of each version's triage, keyed "old" and "new".
         seconds: wall time of the replay.
     """
 
@@ -66,7 +69,7 @@ class DiffReport:
     matrix: FlipMatrix
     samples: Mapping[Transition, list[FlipSample]]
     transition: Transition | None = None
-    work: Mapping[str, list[PredicateWork]] = field(default_factory=dict)
+    work: Mapping[str, TriageWork] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -88,7 +91,7 @@ class DiffReport:
                 {"transition": format_transition(key), "pairs": [s.to_dict() for s in samples]}
                 for key, samples in self.samples.items()
             ],
-            "work": {version: [w.to_dict() for w in rows] for version, rows in self.work.items()},
+            "work": {version: work.to_dict() for version, work in self.work.items()},
             "seconds": round(self.seconds, 3),
         }
 
@@ -124,11 +127,9 @@ def _shorten(text: str, limit: int = SAMPLE_TEXT_CHARS) -> str:
 def _work_line(report: DiffReport) -> str | None:
     parts = []
     for version in ("old", "new"):
-        rows = report.work.get(version) or []
-        if rows:
-            evaluated = sum(w.evaluated for w in rows)
-            cached = sum(w.cached for w in rows)
-            parts.append(f"{version}: {evaluated} evaluated, {cached} from cache")
+        work = report.work.get(version)
+        if work is not None and (work.total_evaluated or work.cached):
+            parts.append(f"{version}: {work.total_evaluated} evaluated, {work.cached} from cache")
     return "Expensive predicates: " + "; ".join(parts) + "." if parts else None
 
 

@@ -1,4 +1,5 @@
-"""The static half of a policy diff: which rules and predicates were added, removed or changed.
+"""The static half of a policy diff: which rules, predicates and `let` values were added,
+removed or changed.
 
 Two compiled policies are compared by id. A rule or predicate counts as changed when its
 canonical definition differs, so re-formatting, re-ordering or editing comments changes nothing
@@ -9,9 +10,10 @@ affected, because its verdicts can move too.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+from trace_dsl.compiler.policy import CompiledPolicy, PolicyElement
 
 
 class ChangeKind(str, enum.Enum):
@@ -24,36 +26,17 @@ class ChangeKind(str, enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Definition:
-    """One rule or predicate of a compiled policy, as the diff sees it.
-
-    Attributes:
-        element: 'rule' or 'predicate'.
-        id: the rule id or predicate name.
-        title: the rule's title (empty for predicates).
-        text: the canonical definition.
-        uses: the predicate names the definition refers to.
-    """
-
-    element: str
-    id: str
-    title: str
-    text: str
-    uses: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True, slots=True)
 class Change:
     """One added, removed, changed or affected rule or predicate.
 
     Attributes:
-        element: 'rule' or 'predicate'.
-        id: the rule id or predicate name.
+        element: 'rule', 'predicate' or 'let'.
+        id: the rule id, predicate name or `let` name.
         kind: added, removed, changed or affected.
         title: the rule title in the new version (the old one when removed).
         old: the old canonical definition, `None` when added.
         new: the new canonical definition, `None` when removed.
-        because: for an affected rule, the changed predicates it uses.
+        because: for an affected rule or predicate, the changed names it uses.
         old_title: the old rule title when the title changed, else empty.
     """
 
@@ -82,7 +65,7 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class StaticDiff:
-    """Every difference between two policy versions, rules first, then predicates.
+    """Every difference between two policy versions: rules, then predicates, then `let` values.
 
     Attributes:
         old_hash: content hash of the old compiled policy.
@@ -102,7 +85,7 @@ class StaticDiff:
         return self.old_hash == self.new_hash
 
     def of(self, element: str, kind: ChangeKind | None = None) -> list[Change]:
-        """Return the changes of one element ('rule' or 'predicate'), optionally of one kind."""
+        """Return the changes of one element ('rule', 'predicate' or 'let'), optionally of one kind."""
         return [c for c in self.changes if c.element == element and (kind is None or c.kind is kind)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,24 +97,14 @@ class StaticDiff:
             "header": {k: list(v) for k, v in self.header.items()},
             "rules": [c.to_dict() for c in self.of("rule")],
             "predicates": [c.to_dict() for c in self.of("predicate")],
+            "lets": [c.to_dict() for c in self.of("let")],
         }
 
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_QUOTED = re.compile(r'"([^"\\]|\\.)*"|/([^/\\\n]|\\.)+/[imsx]*')
-
-
-def referenced_names(text: str, names: Iterable[str]) -> frozenset[str]:
-    """Return which of `names` appear as identifiers in a definition, outside strings and regexes."""
-    bare = _QUOTED.sub(" ", text)
-    wanted = set(names)
-    return frozenset(token for token in _IDENTIFIER.findall(bare) if token in wanted)
-
-
-def _compare(element: str, old: Mapping[str, Definition], new: Mapping[str, Definition]) -> list[Change]:
+def _compare(old: Mapping[tuple[str, str], PolicyElement], new: Mapping[tuple[str, str], PolicyElement]) -> list[Change]:
     changes: list[Change] = []
-    for ident in sorted(old.keys() | new.keys()):
-        before, after = old.get(ident), new.get(ident)
+    for element, ident in sorted(old.keys() | new.keys()):
+        before, after = old.get((element, ident)), new.get((element, ident))
         if before is None and after is not None:
             changes.append(Change(element, ident, ChangeKind.ADDED, after.title, None, after.text))
         elif after is None and before is not None:
@@ -145,60 +118,63 @@ def _compare(element: str, old: Mapping[str, Definition], new: Mapping[str, Defi
     return changes
 
 
-def _dependents(
-    definitions: Mapping[str, Definition], predicates: Mapping[str, Definition], changed: set[str]
-) -> dict[str, tuple[str, ...]]:
-    """Map each definition to the changed predicates it reaches through predicate references."""
-    reached: dict[str, tuple[str, ...]] = {}
-    for ident, definition in definitions.items():
-        seen: set[str] = set()
-        stack = list(definition.uses)
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.extend(predicates[name].uses if name in predicates else ())
-        hits = tuple(sorted(seen & changed))
-        if hits:
-            reached[ident] = hits
-    return reached
+def _reached(definition: PolicyElement, named: Mapping[str, PolicyElement], changed: set[str]) -> tuple[str, ...]:
+    """Return the changed names a definition reaches through predicate and `let` references."""
+    seen: set[str] = set()
+    stack = list(definition.uses)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in named:
+            stack.extend(named[name].uses)
+    return tuple(sorted(seen & changed))
 
 
-def diff_definitions(
-    old_rules: Mapping[str, Definition],
-    new_rules: Mapping[str, Definition],
-    old_predicates: Mapping[str, Definition],
-    new_predicates: Mapping[str, Definition],
+ELEMENT_ORDER = {"rule": 0, "predicate": 1, "let": 2}
+
+
+def diff_elements(
+    old: Iterable[PolicyElement],
+    new: Iterable[PolicyElement],
     *,
     old_hash: str,
     new_hash: str,
     header: Mapping[str, tuple[str, str]] | None = None,
 ) -> StaticDiff:
-    """Compare two versions' rules and predicates by id.
+    """Compare two versions' rules, predicates and `let` values by element and id.
 
-    Predicates that are added, removed or changed make every rule (and predicate) that uses
-    them, directly or through other predicates, `affected` unless it is itself listed.
+    A predicate or `let` value that is added, removed or changed makes every rule and predicate
+    that uses it, directly or through other predicates, `affected` unless that one is itself
+    listed.
     """
-    predicate_changes = _compare("predicate", old_predicates, new_predicates)
-    rule_changes = _compare("rule", old_rules, new_rules)
-    moved = {c.id for c in predicate_changes}
+    old_by_key = {(d.element, d.id): d for d in old}
+    new_by_key = {(d.element, d.id): d for d in new}
+    changes = _compare(old_by_key, new_by_key)
 
-    listed_predicates = {c.id for c in predicate_changes}
-    for ident, because in sorted(_dependents(new_predicates, new_predicates, moved).items()):
-        if ident not in listed_predicates:
-            predicate_changes.append(Change("predicate", ident, ChangeKind.AFFECTED, "", None, None, because))
-    listed_rules = {c.id for c in rule_changes}
-    for ident, because in sorted(_dependents(new_rules, new_predicates, moved).items()):
-        if ident not in listed_rules:
-            rule_changes.append(Change("rule", ident, ChangeKind.AFFECTED, new_rules[ident].title, None, None, because))
+    # Rules are referenced by no one, so only predicate and `let` names propagate a change.
+    named = {d.id: d for d in new_by_key.values() if d.element != "rule"}
+    changed_names = {c.id for c in changes if c.element != "rule" and (c.old != c.new)}
+    listed = {(c.element, c.id) for c in changes}
+    for key, definition in sorted(new_by_key.items()):
+        if key in listed or definition.element == "let":
+            continue
+        because = _reached(definition, named, changed_names)
+        if because:
+            changes.append(Change(definition.element, definition.id, ChangeKind.AFFECTED, definition.title, because=because))
 
-    def order(change: Change) -> tuple[int, str]:
-        return (0 if change.element == "rule" else 1, change.id)
+    changes.sort(key=lambda c: (ELEMENT_ORDER.get(c.element, 3), c.id))
+    return StaticDiff(old_hash=old_hash, new_hash=new_hash, changes=tuple(changes), header=dict(header or {}))
 
-    return StaticDiff(
-        old_hash=old_hash,
-        new_hash=new_hash,
-        changes=tuple(sorted(rule_changes + predicate_changes, key=order)),
-        header=dict(header or {}),
+
+def static_diff(old: CompiledPolicy, new: CompiledPolicy) -> StaticDiff:
+    """Compare two compiled policies: header, rules, predicates and `let` values."""
+    header = {}
+    for name in ("name", "version", "description"):
+        before, after = getattr(old, name), getattr(new, name)
+        if before != after:
+            header[name] = (before, after)
+    return diff_elements(
+        old.elements().values(), new.elements().values(), old_hash=old.hash, new_hash=new.hash, header=header
     )
