@@ -25,13 +25,12 @@ v1. Pairs, with the category under v1 / v2 / v3 and the rules deciding it:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from git_repo import git
 from trace_dsl.cli.main import app
 from trace_dsl.compiler.backends.plugin import register_plugin, unregister_plugin
 from trace_dsl.data import load_pairs
@@ -80,14 +79,6 @@ V1 = [R, I, R, S, S, R, R]
 V2 = [R, R, I, I, S, R, R]
 V3 = [R, R, I, I, S, R, I]
 
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "HOME": "/nonexistent",
-}
 
 runner = CliRunner()
 
@@ -121,10 +112,6 @@ def calls():
     yield seen
     unregister_plugin("toxic_words")
     unregister_plugin("marker")
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, env={**os.environ, **GIT_ENV}, capture_output=True, check=True)
 
 
 @pytest.fixture
