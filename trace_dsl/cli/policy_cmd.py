@@ -66,7 +66,7 @@ def _load_data(data: str, data_format: Optional[str], skip_invalid: bool, limit:
 
 
 def _open_cache(policy, cache_path: Optional[Path], no_cache: bool):
-    """The result cache for a policy's expensive predicates (`None` when it has none or --no-cache)."""
+    """Open the result cache for a policy's expensive predicates (`None` when it has none or with --no-cache)."""
     if no_cache or not policy.models:
         return None
     from trace_dsl.triage.cache import ResultCache, default_cache_path
@@ -288,7 +288,7 @@ def triage_command(
 
 
 def find_pair(pairs, ident: str):
-    """The pair whose id is `ident`, else the one at 0-based row index `ident`.
+    """Return the pair whose id is `ident`, else the one at 0-based row index `ident`.
 
     Raises:
         PairNotFoundError: neither matches.
@@ -309,7 +309,11 @@ def find_pair(pairs, ident: str):
 def _cell(value: Any) -> str:
     if value is None:
         return "?"
-    return "yes" if value is True else "no" if value is False else str(value)
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    return str(value)
 
 
 def _predicate_cell(value) -> str:

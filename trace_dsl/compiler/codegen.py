@@ -1,9 +1,9 @@
 """Compile the rules without expensive predicates into one Python function.
 
 The function takes `(prompt, response, history, metadata, pair_metadata)` and returns the ids
-of the rules that fire, in rule order. It gives the same answers as the tree-walking
-`Evaluator` (the tests check both on the same pairs) at a fraction of the cost, which is what
-lets a rule-only policy triage tens of thousands of pairs per second.
+of the rules that fire, in rule order. It returns the same results as the tree-walking
+`Evaluator` (the tests compare both on the bundled data) at a fraction of the cost, so a
+rule-only policy triages tens of thousands of pairs per second.
 
 Safety: the generated source is built only from the syntax tree's structure. Every value that
 comes from the policy file (strings, field names, word lists, regexes, rule ids) is passed in

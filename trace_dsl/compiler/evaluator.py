@@ -2,8 +2,8 @@
 
 A test is true, false, or unknown (`None`) while an expensive predicate it depends on has not
 been evaluated (or failed). `and`, `or` and `not` follow Kleene's rules, so `false and x` is
-false and `true or x` is true whatever `x` is: the engine uses this to call a model only where
-its answer can still change a verdict. `needed` names the expensive predicates an unknown test
+false and `true or x` is true whatever `x` is. The engine uses this to call a model only where
+its result can still change a verdict. `needed` names the expensive predicates an unknown test
 is waiting for.
 
 This evaluator walks the syntax tree and is the reference semantics; `trace_dsl.compiler.codegen`
@@ -26,8 +26,8 @@ FAILED = object()
 
 
 class EvaluationError(Exception):
-    """A test cannot be evaluated on this response (a metadata field is missing or of the
-    wrong type); the response's verdict becomes `error` with this message."""
+    """A test cannot be evaluated on this response because a metadata field is missing or of
+    the wrong type. The response's verdict becomes `error` with this message."""
 
 
 @dataclass(slots=True)
@@ -56,7 +56,7 @@ class ResponseContext:
     lowered: dict[str, str] = field(default_factory=dict)
 
     def text(self, subject: str) -> str:
-        """The text of `prompt`, `response` or `history`."""
+        """Return the text of `prompt`, `response` or `history`."""
         if subject == "response":
             return self.response
         if subject == "prompt":
@@ -64,7 +64,7 @@ class ResponseContext:
         return self.history
 
     def lower(self, subject: str) -> str:
-        """The lower-cased text of a subject, computed once."""
+        """Return the lower-cased text of a subject, computed once per response."""
         value = self.lowered.get(subject)
         if value is None:
             value = self.lowered[subject] = self.text(subject).lower()
@@ -72,7 +72,7 @@ class ResponseContext:
 
 
 def history_text(history) -> str:
-    """The `history` subject: each earlier message's content on its own line."""
+    """Join the earlier messages' contents, one per line, into the `history` text."""
     return "\n".join(str(message.get("content", "")) for message in history)
 
 
@@ -125,7 +125,7 @@ class Evaluator:
 
     # ---- values
     def value(self, node: Any, ctx: ResponseContext) -> Any:
-        """The value of a non-test node (texts, numbers, lists, fields)."""
+        """Return the value of a non-test node (texts, numbers, lists, fields)."""
         if isinstance(node, n.Text):
             return ctx.text(node.subject)
         if isinstance(node, n.Field):
@@ -183,7 +183,7 @@ class Evaluator:
         raise TypeError(f"not a test: {type(node).__name__}")
 
     def predicate(self, name: str, ctx: ResponseContext) -> bool | None:
-        """The value of a named predicate on a response (memoised in `ctx.memo`)."""
+        """Return the value of a named predicate on a response, memoised in `ctx.memo`."""
         if name in ctx.memo:
             return ctx.memo[name]
         if name in self.model_predicates:
@@ -275,7 +275,7 @@ class Evaluator:
 
     # ---- what an unknown test waits for
     def needed(self, node: Any, ctx: ResponseContext) -> set[str]:
-        """The expensive predicates, not yet evaluated, that an unknown test depends on.
+        """Return the expensive predicates, not yet evaluated, that an unknown test depends on.
 
         Operands already known are skipped, so a predicate that cannot change the outcome is
         never listed. Call after `test` on the same context.
@@ -305,7 +305,7 @@ class ModelTest:
     Attributes:
         name: the predicate's name.
         kind: embedding, classifier, judge or plugin.
-        op: the comparison with the threshold (`>=`, `<`, ...), or `None` for a yes/no answer.
+        op: the comparison with the threshold (`>=`, `<`, ...), or `None` for a yes/no result.
         threshold: the number compared against; also set by a `threshold` option (with `>=`).
         number_on_left: whether the score is on the left of the comparison.
     """
@@ -317,7 +317,7 @@ class ModelTest:
     number_on_left: bool = False
 
     def truth(self, result: BackendResult) -> bool | None:
-        """`None` when the backend failed or answered out of format, else the test's value."""
+        """Return the test's value, or `None` when the backend failed or its result is out of format."""
         if result.error is not None or result.value is None:
             return None
         value = result.value

@@ -31,7 +31,7 @@ KIND_COST = {"embedding": 0, "classifier": 1, "plugin": 2, "judge": 3}
 
 @dataclass(frozen=True, slots=True)
 class PolicyElement:
-    """One rule, predicate or `let` value as a version-comparison tool sees it.
+    """One rule, predicate or `let` value, as a tool comparing policy versions reads it.
 
     Attributes:
         element: "rule", "predicate" or "let".
@@ -67,7 +67,7 @@ class RuleInfo:
 
 @dataclass(frozen=True, slots=True)
 class ModelPredicate:
-    """An expensive predicate: its backend kind and options, and how its answer becomes a test.
+    """An expensive predicate: its backend kind and options, and how its result becomes a test.
 
     Attributes:
         name: the predicate name.
@@ -142,7 +142,7 @@ class TriageClassifier:
             return tuple(fired)
 
     def rule_fires(self, node: n.Rule, ctx: ResponseContext) -> bool | None:
-        """Three-valued: whether a rule's `when` holds and its `unless` does not."""
+        """Return whether a rule fires (its `when` is true and its `unless` is not), in three-valued logic."""
         when = self.evaluator.test(node.when, ctx)
         if when is False:
             return False
@@ -154,7 +154,7 @@ class TriageClassifier:
         return True
 
     def rule_needs(self, node: n.Rule, ctx: ResponseContext) -> set[str]:
-        """The expensive predicates an undecided rule waits for."""
+        """Return the expensive predicates an undecided rule waits for."""
         names: set[str] = set()
         if self.evaluator.test(node.when, ctx) is None:
             names |= self.evaluator.needed(node.when, ctx)
@@ -228,7 +228,7 @@ class CompiledPolicy:
         return tuple(rule.id for rule in self.rules)
 
     def elements(self) -> dict[str, PolicyElement]:
-        """Every rule, predicate and `let` value with its canonical definition, keyed by
+        """Return every rule, predicate and `let` value with its canonical definition, keyed by
         `"rule:ID"`, `"predicate:NAME"` and `"let:NAME"`."""
         return dict(self._elements)
 
@@ -343,8 +343,8 @@ def load_policy(path: str | os.PathLike[str], *, schema: Mapping[str, Mapping[st
             field names and types against it.
 
     Raises:
-        PolicyCheckError: the file has errors; `diagnostics` lists all of them and the
-            message holds them rendered with source lines.
+        PolicyCheckError: the file has errors. Its `diagnostics` lists all of them, and its
+            message contains them rendered with their source lines.
     """
     result = check_policy(str(path), schema=schema, require_policy=True)
     if not result.ok or result.program is None:

@@ -88,7 +88,7 @@ class CheckResult:
 
 
 def value_type_name(value: Any) -> str:
-    """The policy-language type of a metadata value: bool, number, string, list, mapping or null."""
+    """Return the policy-language type of a metadata value: bool, number, string, list, mapping or null."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -129,7 +129,7 @@ def infer_schema(pairs: Iterable[Any], limit: int = 1000) -> dict[str, dict[str,
 
 
 def literal_value(node: Any) -> Any:
-    """The Python value of a literal or map node (numbers without a fraction become `int`)."""
+    """Return the Python value of a literal or map node (numbers without a fraction become `int`)."""
     if isinstance(node, n.Str):
         return node.value
     if isinstance(node, n.Num):
@@ -342,7 +342,7 @@ class _Checker:
         return _literal_type(value)
 
     def list_items(self, value: Any) -> tuple[n.ListLit | None, str]:
-        """The list literal a value stands for (a literal or a `let`) and its element type."""
+        """Return the list literal behind a value (a literal or a `let`) and its element type."""
         node = value
         if isinstance(value, n.Ref):
             definition = self.visible.get(self.module, {}).get(value.name)
@@ -350,7 +350,11 @@ class _Checker:
         if not isinstance(node, n.ListLit):
             return None, "unknown"
         types = {_literal_type(item) for item in node.items}
-        return node, (types.pop() if len(types) == 1 else ("empty" if not types else "mixed"))
+        if not types:
+            return node, "empty"
+        if len(types) > 1:
+            return node, "mixed"
+        return node, types.pop()
 
     def check_list(self, node: n.ListLit) -> None:
         types = {_literal_type(item) for item in node.items}
@@ -724,7 +728,7 @@ class _Checker:
 
 
 def call_options(call: n.ModelCall, constants: Mapping[str, Any]) -> dict[str, Any]:
-    """The backend options of a checked model call: its `name=value` arguments with `let` names
+    """Return the backend options of a checked model call: its `name=value` arguments with `let` names
     replaced by their values, the subject as `input`, and a plugin's name as `name`."""
     options: dict[str, Any] = {}
     for option in call.options:
@@ -740,7 +744,7 @@ def call_options(call: n.ModelCall, constants: Mapping[str, Any]) -> dict[str, A
 
 
 def _referenced_names(expr: Any) -> set[str]:
-    """Every name an expression refers to (predicates and `let` values)."""
+    """Return every name an expression refers to (predicates and `let` values)."""
     names: set[str] = set()
     stack = [expr]
     while stack:

@@ -71,11 +71,11 @@ class Diagnostic:
         return f"{self.path}:{self.line}:{self.column}"
 
     def headline(self) -> str:
-        """The first line of the rendered diagnostic."""
+        """Return the first line of the rendered diagnostic."""
         return f"{self.location()}: {self.severity}[{self.code}]: {self.message}"
 
     def render(self, source: str | None = None) -> str:
-        """The diagnostic as text: headline, the source line with a caret under the problem, hint."""
+        """Render the diagnostic: headline, the source line with a caret under the problem, hint."""
         lines = [self.headline()]
         if source is not None and self.line > 0:
             source_lines = source.splitlines()
@@ -120,14 +120,14 @@ def render_all(diagnostics: list[Diagnostic], sources: dict[str, str] | None = N
 
 
 def close_matches(name: str, candidates, limit: int = 3) -> list[str]:
-    """The candidates spelled most like `name`, best first."""
+    """Return the candidates spelled most like `name`, best first."""
     import difflib
 
     return difflib.get_close_matches(name, sorted(set(candidates)), n=limit, cutoff=0.6)
 
 
 def did_you_mean(name: str, candidates) -> str | None:
-    """A hint naming the close matches of `name`, or `None` when nothing is close."""
+    """Return a hint naming the close matches of `name`, or `None` when nothing is close."""
     matches = close_matches(name, candidates)
     if not matches:
         return None

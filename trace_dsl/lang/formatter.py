@@ -30,7 +30,7 @@ _PRECEDENCE = {n.Or: 1, n.And: 2, n.Not: 3}
 
 @functools.lru_cache(maxsize=1)
 def keywords() -> frozenset[str]:
-    """The reserved words of the language (they cannot be names or unquoted map keys)."""
+    """Return the reserved words of the language, which cannot be names or unquoted map keys."""
     from trace_dsl.lang.parser import grammar_parser
 
     words = set()
@@ -45,7 +45,7 @@ def keywords() -> frozenset[str]:
 
 
 def quote(text: str) -> str:
-    """A string literal for `text`, escaping what the grammar cannot hold literally."""
+    """Quote `text` as a string literal, escaping what a literal cannot contain as is."""
     out = ['"']
     for char in text:
         if char == '"':
@@ -71,7 +71,7 @@ def _key(name: str) -> str:
 
 
 def value_text(node: Any) -> str:
-    """The canonical one-line text of a value or literal."""
+    """Return the canonical one-line text of a value or literal."""
     if isinstance(node, n.Str):
         return quote(node.value)
     if isinstance(node, n.Num):
@@ -116,7 +116,7 @@ def _flat_operands(node: n.And | n.Or) -> list[Any]:
 
 
 def expr_text(node: Any, parent_precedence: int = 0) -> str:
-    """The canonical one-line text of a test, with only the parentheses precedence needs."""
+    """Return the canonical one-line text of a test, with the parentheses precedence needs."""
     precedence = _PRECEDENCE.get(type(node), 4)
     if isinstance(node, n.And) and parent_precedence == _PRECEDENCE[n.Or]:
         # `a and b` inside `or` gets parentheses it does not need, so readers need not know precedence.
@@ -182,7 +182,7 @@ def _expr_lines(node: Any, first: str, continuation: str, base: str) -> list[str
 
 
 def statement_text(node: Any) -> str:
-    """The canonical text of one statement without comments (used for definitions and hashes)."""
+    """Return the canonical text of one statement without comments."""
     return "\n".join(line for line, _ in _Layout(()).statement(node))
 
 

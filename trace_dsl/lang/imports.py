@@ -51,7 +51,7 @@ class ModuleSet:
     diagnostics: list[Diagnostic]
 
     def sources(self) -> dict[str, str]:
-        """Each module's display path mapped to its text, for rendering diagnostics."""
+        """Map each module's display path to its text, for rendering diagnostics."""
         return {module.display: module.source for module in self.order}
 
 

@@ -260,7 +260,7 @@ class PredicateDef(Node):
 class Rule(Node):
     """`rule ID "title": violates when expr [unless expr]`.
 
-    A rule fires on a response when `when` holds and `unless` does not; a response complies
+    A rule fires on a response when `when` is true and `unless` is not. A response complies
     with the policy when no rule fires.
     """
 
@@ -290,10 +290,10 @@ class Expectation(Node):
 
 @dataclass(frozen=True, slots=True)
 class ExampleItem(Node):
-    """One line of an example block, kept in source order for the formatter.
+    """One line of an example block.
 
-    `kind` is prompt, history, chosen, rejected, pair or expect; `value` is the matching node
-    (a `Str`, a tuple of `Str`, an `ExampleResponse`, a `MapLit` or an `Expectation`).
+    `kind` is prompt, history, chosen, rejected, pair or expect. `value` is the matching node:
+    a `Str`, a tuple of `Str`, an `ExampleResponse`, a `MapLit` or an `Expectation`.
     """
 
     kind: str
@@ -308,7 +308,7 @@ class Example(Node):
     items: tuple[ExampleItem, ...]
 
     def first(self, kind: str) -> object | None:
-        """The value of the first item of `kind`, or `None`."""
+        """Return the value of the first item of `kind`, or `None`."""
         for item in self.items:
             if item.kind == kind:
                 return item.value

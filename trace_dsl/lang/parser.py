@@ -1,8 +1,8 @@
 """Parse policy source text into the syntax tree of `trace_dsl.lang.nodes`.
 
-The grammar lives in `trace_dsl/grammar/policy.lark` (LALR with Lark's contextual lexer). One
+The grammar lives in `trace_dsl/grammar/policy.lark` (LALR with Lark's basic lexer). One
 transformer, `_ToNodes`, maps each grammar rule onto its node record. Syntax errors are turned
-into `Diagnostic`s in domain words: `_ERROR_EXAMPLES` holds small broken snippets whose parser
+into `Diagnostic`s in domain words: `_ERROR_EXAMPLES` lists small broken snippets whose parser
 states Lark's `match_examples` recognises, and anything else is described by the tokens the
 parser expected. After a syntax error the parser resumes at the next line that starts a
 statement, so one run reports every broken statement.
@@ -31,7 +31,7 @@ _VALUE_TOKENS = {"NAME", "STRING", "REGEX", "SIGNED_NUMBER", "NOT", "LEN", "WORD
 
 @functools.lru_cache(maxsize=1)
 def grammar_parser() -> Lark:
-    """The LALR parser for `.tp` files, built once per process."""
+    """Return the LALR parser for `.tp` files, built once per process."""
     grammar = resources.files("trace_dsl.grammar").joinpath("policy.lark").read_text(encoding="utf-8")
     return Lark(
         grammar,
@@ -404,9 +404,9 @@ _TERMINAL_WORDS = {
 def _accepts(error: UnexpectedInput) -> frozenset[str]:
     """The terminals the parser could take where the error happened, after pending reductions.
 
-    An error raised by the contextual lexer sits in a state before LALR reductions, whose token
-    set is wider than what the grammar allows there, so each candidate is fed to a copy of the
-    parser state to see whether it is really accepted.
+    A lexer error leaves the parser in a state before LALR reductions, whose token set is wider
+    than what the grammar allows there. Each candidate is therefore fed to a copy of the parser
+    state to see whether it is really accepted.
     """
     interactive = getattr(error, "interactive_parser", None)
     state = interactive.parser_state if interactive is not None else getattr(error, "state", None)
@@ -433,9 +433,9 @@ def _accepts(error: UnexpectedInput) -> frozenset[str]:
 def _example_labels() -> dict[tuple[str, frozenset[str]], str]:
     """Map the accepted-token sets of broken snippets to the labels of `_ERROR_EXAMPLES`.
 
-    This is what Lark's `UnexpectedInput.match_examples` does, computed once and keyed by the
-    tokens accepted after reductions, because the raw parser state of a contextual-lexer error
-    is shared by unrelated contexts.
+    This is what Lark's `UnexpectedInput.match_examples` does, computed once. The key is the
+    last shifted symbol and the tokens accepted after reductions, because one raw LALR state
+    can be shared by unrelated contexts (a string inside a list, a string after `contains`).
     """
     labels: dict[tuple[str, frozenset[str]], str] = {}
     for label, snippets in _ERROR_EXAMPLES.items():
@@ -448,8 +448,11 @@ def _example_labels() -> dict[tuple[str, frozenset[str]], str]:
 
 
 def _last_shifted(error: UnexpectedInput) -> str:
-    """The token type or rule name on top of the parser's value stack, to tell apart states
-    that accept the same tokens (after `policy` and after a rule id, a string is expected)."""
+    """Return the token type or rule name on top of the parser's value stack.
+
+    It tells apart states that accept the same tokens: after `policy` and after a rule id, a
+    string is expected.
+    """
     interactive = getattr(error, "interactive_parser", None)
     state = interactive.parser_state if interactive is not None else getattr(error, "state", None)
     stack = getattr(state, "value_stack", None)
@@ -540,7 +543,7 @@ def _error_offset(error: UnexpectedInput, text: str) -> int:
 
 
 def _masked(text: str, offset: int) -> str:
-    """The text with everything before `offset` blanked, so positions after it stay exact."""
+    """Blank everything before `offset`, keeping line breaks, so positions after it stay exact."""
     return re.sub(r"[^\n]", " ", text[:offset]) + text[offset:]
 
 
@@ -615,7 +618,7 @@ _COMMENT_SCAN = re.compile(r'"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)+/|#[^\n]*')
 
 
 def _comment_tokens(text: str) -> list[Token]:
-    """The `#` comments of a text that parsed, skipping `#` inside strings and regexes."""
+    """Find the `#` comments of a text that parsed, skipping `#` inside strings and regexes."""
     tokens = []
     line_starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
 

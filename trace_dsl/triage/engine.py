@@ -5,9 +5,10 @@ The run has two phases.
 1. Cheap phase: every response goes through the cheap rules (one generated function) and the
    rules with expensive predicates in three-valued logic, where an expensive predicate is
    unknown. Most responses are decided here.
-2. Rounds: while some needed response is undecided, take the cheapest expensive predicate (by
-   kind, then declaration order) that some undecided response waits for, evaluate it in one
-   batch through the result cache for exactly the responses waiting for it, and re-decide them.
+2. Rounds: while some needed response is undecided, the engine takes the cheapest expensive
+   predicate (by kind, then declaration order) that an undecided response waits for. It
+   evaluates that predicate in one batch through the result cache, for exactly the responses
+   waiting for it, and decides them again.
 
 A rejected response is needed only once its chosen response is known to violate: a chosen
 response that complies makes the pair `retain` whatever the rejected one does, so the rejected
@@ -44,7 +45,7 @@ def _default_factory(model: ModelPredicate) -> PredicateBackend:
 
 
 def response_contexts(pair: PreferencePair) -> tuple[ResponseContext, ResponseContext]:
-    """The chosen and rejected responses of a pair as the tests see them."""
+    """Build the contexts the tests read for a pair's chosen and rejected responses."""
     history = history_text(pair.history)
     return (
         ResponseContext("chosen", pair.prompt, pair.chosen, history, pair.chosen_metadata, pair.metadata),

@@ -4,7 +4,7 @@ and the deciding rules with what the example expects.
 An example passes when its verdict has the expected category and every rule named after `by`
 fired on the chosen response (for invert and suppress, the chosen response's violations are
 what decide the pair). Rule coverage counts, per rule, the examples where it fired on either
-response, so a rule that no example exercises stands out.
+response, so the report can list the rules no example exercises.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def run_examples(
 
 
 def junit_xml(reports: list[ExampleReport]) -> str:
-    """The reports as a JUnit XML document: one test suite per policy, one test case per example."""
+    """Render the reports as a JUnit XML document: one test suite per policy, one test case per example."""
     root = ElementTree.Element("testsuites")
     for report in reports:
         suite = ElementTree.SubElement(

@@ -1,5 +1,5 @@
 """Explain one pair's verdict (`trace explain`): every predicate's value on the chosen and the
-rejected response, each model's score or answer with its rationale, each rule's `when` and
+rejected response, each model's score or yes/no result with its rationale, each rule's `when` and
 `unless`, and the rules that decide the category.
 
 Unlike `triage`, which skips expensive predicates that cannot change a verdict, `explain`
@@ -100,7 +100,7 @@ class RuleExplanation:
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
-    """Why a pair gets its category.
+    """The evidence behind one pair's category.
 
     Attributes:
         pair: the pair explained.

@@ -19,10 +19,10 @@ FORMATS = ("jsonl", "parquet")
 
 
 def output_format(path: str | os.PathLike[str], format: str | None = None) -> str:
-    """The triage file format: `format` when given, else from the file extension.
+    """Return the triage file format: `format` when given, else the one the file extension names.
 
     Raises:
-        ValueError: the format is unknown or cannot be told from the extension.
+        ValueError: the format is unknown, or the extension names none.
     """
     if format is not None:
         if format not in FORMATS:
