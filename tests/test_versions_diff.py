@@ -41,7 +41,7 @@ from trace_dsl.triage.cache import ResultCache
 from trace_dsl.triage.engine import triage
 from trace_dsl.triage.verdict import Category
 from trace_dsl.versions.diff import diff_policies, load_policy_at
-from trace_dsl.versions.plan import planned_verdicts, read_plan, verify_plan
+from trace_dsl.versions.plan import apply_plan, planned_verdicts, read_plan, verify_plan
 from trace_dsl.versions.planning import build_plan
 from trace_dsl.versions.static import ChangeKind
 
@@ -337,13 +337,19 @@ def test_cli_plan_and_mismatches(repo, calls, tmp_path, model_folder):
     assert [v.category for v in plan.verdicts] == V3
 
     from trace_dsl.data import dataset_hash
-    from trace_dsl.versions.planning import model_identity
+    from trace_dsl.versions.plan import model_identity
 
     policy_hash = load_policy_at("main.tp").hash
     data_hash = dataset_hash("pairs.jsonl")
     model = model_identity(str(model_folder))
     verify_plan(plan, policy_hash=policy_hash, dataset_hash=data_hash, model=model)
     assert [v.category for v in planned_verdicts(plan, [p.id for p in pairs()])] == V3
+    applied = apply_plan(
+        plan_path, policy_hash=policy_hash, dataset_hash=data_hash, model_name=str(model_folder), pair_ids=[p.id for p in pairs()]
+    )
+    assert [v.category for v in applied] == V3
+    with pytest.raises(PlanMismatchError, match="1 pairs without a verdict"):
+        apply_plan(plan_path, policy_hash=policy_hash, dataset_hash=data_hash, model_name=str(model_folder), pair_ids=["other"])
 
     # The policy is edited after planning.
     (repo / "main.tp").write_text(POLICY.format(version="1.2.0", word="FLAG"), encoding="utf-8")

@@ -138,8 +138,8 @@ def plan_command(
     import json
 
     from trace_dsl.runtime.apply import load_config
-    from trace_dsl.versions.plan import write_plan
-    from trace_dsl.versions.planning import build_plan, error_count, model_identity
+    from trace_dsl.versions.plan import model_identity, write_plan
+    from trace_dsl.versions.planning import build_plan, error_count
 
     config = load_config(config_file, settings)
     identity = model_identity(model) if model else None

@@ -282,3 +282,46 @@ def planned_verdicts(plan: Plan, pair_ids: Sequence[str]) -> list[Verdict]:
             hint="write a new plan with `trace plan` for this data",
         )
     return [by_id[pid] for pid in pair_ids]
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """Resolve a model name offline and return what a plan records of it.
+
+    `resolved` is the Hugging Face id, or the local folder when there is none, as `trace apply`
+    records it in the run manifest.
+
+    Raises:
+        ModelResolutionError: the name resolves to nothing.
+    """
+    from trace_dsl.models import resolve_model
+
+    resolved = resolve_model(name)
+    return {
+        "name": name,
+        "resolved": resolved.hf_id or (str(resolved.path) if resolved.path else None),
+        "revision": resolved.revision,
+        "kind": resolved.kind,
+    }
+
+
+def apply_plan(
+    path: str | Path, *, policy_hash: str, dataset_hash: str, model_name: str, pair_ids: Sequence[str]
+) -> list[Verdict]:
+    """Read a plan for `trace apply --plan`, check it, and return its verdicts in data order.
+
+    Args:
+        path: the plan file written by `trace plan`.
+        policy_hash: content hash of the policy being applied.
+        dataset_hash: `trace_dsl.data.dataset_hash` of the data being trained on.
+        model_name: the model argument of `trace apply`, resolved offline for the comparison.
+        pair_ids: the ids of the loaded pairs, in order.
+
+    Raises:
+        PlanMismatchError: the plan file was edited, or the policy, data, model or set of pairs
+            differs from the plan's.
+    """
+    plan = read_plan(path)
+    verify_plan(
+        plan, policy_hash=policy_hash, dataset_hash=dataset_hash, model=model_identity(model_name), source=str(path)
+    )
+    return planned_verdicts(plan, pair_ids)

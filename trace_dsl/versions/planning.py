@@ -146,23 +146,6 @@ def _requests(model: ModelPredicate, contexts: Sequence[Any]) -> list[BackendReq
     return [BackendRequest(c.prompt, c.prompt if model.subject == "prompt" else c.response) for c in contexts]
 
 
-def model_identity(name: str) -> dict[str, Any]:
-    """Resolve a model name offline and return what a plan records of it.
-
-    `resolved` is the Hugging Face id, or the local folder when there is none, as `trace apply`
-    records it in the run manifest.
-    """
-    from trace_dsl.models import resolve_model
-
-    resolved = resolve_model(name)
-    return {
-        "name": name,
-        "resolved": resolved.hf_id or (str(resolved.path) if resolved.path else None),
-        "revision": resolved.revision,
-        "kind": resolved.kind,
-    }
-
-
 def build_plan(
     policy_ref: str,
     pairs: Sequence[PreferencePair],
@@ -182,7 +165,7 @@ def build_plan(
         pairs: the preference pairs.
         dataset: `{"path", "hash", "pairs_hash", "pairs"}` of the data.
         config: the training configuration the steps are estimated for.
-        model: the model identity from `model_identity`, or `None`.
+        model: the model identity from `trace_dsl.versions.plan.model_identity`, or `None`.
         previous_ref: a previous policy version to count flips against.
         cache: the `ResultCache` shared with `trace triage` and `trace diff`, or `None`.
         progress: draw progress bars on stderr.
