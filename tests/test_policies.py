@@ -71,3 +71,35 @@ def test_hh_policy_uses_all_categories():
     counts = summarize(triage(load_policy(ROOT / "policies" / "hh_clear_refusals.tp"), pairs, progress=False))
     assert counts["error"] == 0
     assert min(counts["invert"], counts["suppress"], counts["retain"]) > 0
+
+
+def _code_blocks(path: Path) -> list[str]:
+    blocks, current, inside = [], [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if inside:
+                blocks.append("\n".join(current) + "\n")
+                current = []
+            inside = not inside
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_readme_language_example_checks(tmp_path):
+    blocks = _code_blocks(ROOT / "policies" / "README.md")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "refusals.tp").write_text((ROOT / "policies" / "shared" / "refusals.tp").read_text())
+    (tmp_path / "policy.tp").write_text(blocks[1])
+    assert runner.invoke(app, ["check", str(tmp_path / "policy.tp")]).exit_code == 0
+    assert runner.invoke(app, ["test", str(tmp_path / "policy.tp")]).exit_code == 0
+
+
+def test_readme_model_calls_check(tmp_path):
+    blocks = _code_blocks(ROOT / "policies" / "README.md")
+    path = tmp_path / "models.tp"
+    path.write_text(blocks[2])
+    result = check_policy(str(path))
+    # Only the plugin, which no installed package provides, is reported.
+    assert [(d.code, d.line) for d in result.diagnostics] == [("TP107", 5)]
+    assert "my_org.pii" in result.diagnostics[0].message

@@ -418,7 +418,7 @@ class _Checker:
                 if f"'{name}'" in problem or (isinstance(value, str) and f"'{value}'" in problem):
                     span = option_span
                     break
-            self.error("TP107", problem, span, hint="see the backend options in the policy language reference")
+            self.error("TP107", problem, span, hint="policies/README.md lists the options of each model call")
 
     # -- tests
     def check_expr(self, expr: Any, *, allow_call: bool = False) -> None:
