@@ -585,6 +585,11 @@ def parse_source(text: str, path: str = "<string>") -> n.PolicyFile:
             break
         try:
             items = _ToNodes().transform(tree)
+        except RecursionError:
+            raise ParseFailure(
+                [Diagnostic("TP001", "tests are nested too deeply to read", path, 1, 1,
+                            hint="split the test into named predicates")]
+            ) from None
         except VisitError as error:
             if isinstance(error.orig_exc, _StringLiteralError):
                 token = error.orig_exc.token
