@@ -21,9 +21,9 @@ Message = Mapping[str, str]
 class ChatModel:
     """A causal language model with a chat template, loaded once and guarded by a lock.
 
-    The lock makes the object safe to share between the threads of the HTTP server: torch
-    modules may be called from several threads, but interleaved batches would only compete for
-    the same cores.
+    The lock makes the object safe to share between the threads of the HTTP server. A fast
+    tokenizer can fail with "Already borrowed" when two threads use it at once, and interleaved
+    batches would only compete for the same cores.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str, folder: Path, device: str) -> None:
@@ -33,7 +33,7 @@ class ChatModel:
         self.folder = folder
         self.device = device
         self.digest = folder_fingerprint(folder)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @classmethod
     def load(cls, name: str | Path) -> "ChatModel":
@@ -80,16 +80,22 @@ class ChatModel:
 
         if not conversations:
             return []
-        encoded = self._encode(conversations)
         with self._lock, torch.inference_mode():
+            encoded = self._encode(conversations)
             output = self.model.generate(
                 **encoded,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def count_tokens(self, text: str) -> int:
+        """Return the number of tokens in `text`, without special tokens."""
+        with self._lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def next_token_log_probs(self, conversations: Sequence[Sequence[Message]], words: Sequence[str]) -> list[list[float]]:
         """Return, per conversation, the log-probability that the assistant's first token starts
@@ -98,16 +104,22 @@ class ChatModel:
 
         if not conversations:
             return []
-        token_sets = [self._first_token_ids(word) for word in words]
-        # A token that starts two of the words (a bare space, say) tells them apart not at all.
-        shared = {token for i, ids in enumerate(token_sets) for other in token_sets[i + 1 :] for token in ids if token in other}
-        token_sets = [[token for token in ids if token not in shared] for ids in token_sets]
+        with self._lock:
+            token_sets = [self._first_token_ids(word) for word in words]
+        # A token that starts two of the words (a bare space, say) cannot tell them apart.
+        counts: dict[int, int] = {}
+        for ids in token_sets:
+            for token in ids:
+                counts[token] = counts.get(token, 0) + 1
+        token_sets = [[token for token in ids if counts[token] == 1] for ids in token_sets]
         empty = [word for word, ids in zip(words, token_sets) if not ids]
         if empty:
             raise JudgeError(f"the tokenizer of '{self.name}' has no first token of its own for {empty}")
-        encoded = self._encode(conversations)
         with self._lock, torch.inference_mode():
-            logits = self.model(**encoded).logits[:, -1, :].float()
+            encoded = self._encode(conversations)
+            # Only the last position's logits are needed; logits_to_keep skips the vocabulary
+            # projection for the other positions (causal LMs in transformers >= 4.50).
+            logits = self.model(**encoded, logits_to_keep=1).logits[:, -1, :].float()
         log_probs = torch.log_softmax(logits, dim=-1).cpu()
         return [[float(torch.logsumexp(row[ids], dim=0)) for ids in token_sets] for row in log_probs]
 

@@ -149,8 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         chat = self.server.chat
         text = chat.generate([messages], max_new_tokens=max_tokens)[0]
-        prompt_tokens = len(chat.tokenizer(chat.render(messages), add_special_tokens=False)["input_ids"])
-        completion_tokens = len(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompt_tokens = chat.count_tokens(chat.render(messages))
+        completion_tokens = chat.count_tokens(text)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
