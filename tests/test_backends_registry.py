@@ -43,6 +43,7 @@ INVALID = [
     ("classifier", {"model": "m"}, "a classifier predicate needs the option 'label' (text)"),
     ("classifier", {"model": "m", "label": "x", "threshold": -0.1}, "option 'threshold' must be between 0 and 1, got -0.1"),
     ("classifier", {"model": "m", "label": "x", "threshold": True}, "option 'threshold' must be a number, got bool"),
+    ("classifier", {"model": "m", "label": "x", "threshold": float("nan")}, "option 'threshold' must be a number, got float"),
     ("classifier", {"model": "/no/such/folder", "label": "x"}, "the model folder /no/such/folder does not exist"),
     ("judge", {"backend": "opneai", "model": "m", "question": "q?"}, "unknown judge backend 'opneai' (did you mean 'openai'?)"),
     ("judge", {"model": "m"}, "a judge predicate needs the option 'question' (text)"),

@@ -40,7 +40,7 @@ class ChatModel:
         """Load (or reuse) the chat model that `name` resolves to.
 
         Raises:
-            JudgeError: the name resolves to no folder, the folder holds no causal language
+            JudgeError: the name resolves to no folder, the folder contains no causal language
                 model, or its tokenizer has no chat template.
         """
         folder = resolve_model_path(str(name))

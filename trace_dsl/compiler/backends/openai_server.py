@@ -179,6 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _send_error(self, error: _BadRequest) -> None:
+        logger.warning("%s %s from %s failed with %d: %s", self.command, self.path, self.address_string(), error.status, error.message)
         self._send_json(error.status, {"error": {"message": error.message, "type": error.code, "code": error.code}})
 
 

@@ -20,6 +20,7 @@ Options by kind (the keys a policy writes):
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ def _is_type(value: Any, type_name: str) -> bool:
     if type_name == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if type_name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if type_name == "list of texts":
         return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
     if type_name == "mapping":
