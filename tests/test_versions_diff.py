@@ -1,6 +1,6 @@
-"""`trace diff` and `trace plan` end to end: a policy in a git repository the test builds, seven
-hand-written pairs whose categories are counted by hand, and plugin predicates that count how
-often they are asked, so the tests see which predicates a diff evaluates again.
+"""`trace diff` and `trace plan` end to end, on a policy in a git repository the test builds and
+seven hand-written pairs whose categories are counted by hand. The plugin predicates record every
+request, so the tests see which predicates a diff evaluates again.
 
 The policy (v1) has a cheap rule and two plugin predicates, evaluated in declaration order:
 
@@ -304,7 +304,7 @@ def test_plan_counts_cost_before_evaluating(repo, calls, tmp_path):
             progress=False,
         )
     demand = {d["predicate"]: d for d in plan.expensive}
-    # Cached answers of v1: toxic on all 8 responses asked in rounds 1 and 2; marker has a new
+    # Cached results of v1: toxic on all 8 responses asked in rounds 1 and 2; marker has a new
     # definition, so its 6 first-round requests miss. Uncached rejected responses behind the 5
     # undecided chosen ones: toxic on "TOXIC rant.", "Okay two.", "Calm reply."; marker on those
     # and "A polite refusal." (pairs 2 and 3 share prompt and rejected response, one request).

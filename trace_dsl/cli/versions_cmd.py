@@ -21,7 +21,7 @@ EXIT_CHANGES = 2
 
 
 class DiffFormat(str, Enum):
-    """How `trace diff` prints its report."""
+    """Output format of `trace diff`."""
 
     table = "table"
     json = "json"
@@ -29,7 +29,7 @@ class DiffFormat(str, Enum):
 
 
 class PlanFormat(str, Enum):
-    """How `trace plan` prints its summary."""
+    """Output format of the `trace plan` summary."""
 
     table = "table"
     json = "json"

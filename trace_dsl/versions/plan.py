@@ -1,8 +1,8 @@
 """The plan record: what a policy version will train on, fixed before training starts.
 
-`trace plan` writes a plan after triage and review; `trace apply --plan` trains exactly the
-verdicts it holds, and only while the policy content hash, the dataset hash and the resolved
-model still match the ones recorded. Everything a reviewer needs is in the one JSON file:
+`trace plan` writes a plan after triage and review. `trace apply --plan` trains exactly the
+verdicts it contains, and only while the policy content hash, the dataset hash and the resolved
+model still match the recorded ones. Everything a reviewer needs is in the one JSON file:
 counts per category, flips against a previous version, expensive-predicate calls needed versus
 cached, an estimate of training steps, and the verdicts with their hash.
 """
@@ -61,7 +61,7 @@ class StepEstimate:
     steps: int
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
+        """Return the fields as a JSON-ready dict."""
         return {
             "pairs": self.pairs,
             "train_pairs": self.train_pairs,
@@ -74,8 +74,8 @@ class StepEstimate:
 def estimate_steps(verdicts: Sequence[Verdict], config: TrainingConfig, *, processes: int = 1) -> StepEstimate:
     """Estimate the optimiser steps `trace apply` will run on these verdicts.
 
-    Pairs in error are left out (as `trace apply --drop-errors` does), the rest is split with
-    the same seeded per-category held-out split as `trace apply`, and the step count follows the
+    Pairs in error are left out, as `trace apply --drop-errors` does. The rest is split with the
+    same seeded per-category held-out split as `trace apply`. The step count follows the
     trainer's rule: batches per epoch over the training pairs (per category with per-category
     batching), divided among `processes`, then by gradient accumulation, times epochs.
     """
@@ -143,7 +143,7 @@ class Plan:
         return verdicts_hash(self.verdicts)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with `schema_version`; `Plan.from_dict` reverses it."""
+        """Return the plan as a JSON-ready dict with `schema_version` (`Plan.from_dict` reverses it)."""
         return {
             "schema_version": PLAN_SCHEMA_VERSION,
             "created_at": self.created_at,
@@ -269,7 +269,7 @@ def planned_verdicts(plan: Plan, pair_ids: Sequence[str]) -> list[Verdict]:
     """Return the plan's verdicts in the order of `pair_ids` (the dataset being trained on).
 
     Raises:
-        PlanMismatchError: a pair has no planned verdict, or the plan holds verdicts for pairs
+        PlanMismatchError: a pair has no planned verdict, or the plan contains verdicts for pairs
             that are not in the data.
     """
     by_id = {v.pair_id: v for v in plan.verdicts}

@@ -1,7 +1,7 @@
 """`trace plan`: triage a policy version, count its cost, and write the plan `trace apply` trains.
 
-Before any backend runs, a probe walks the same rounds as the triage engine but answers each
-expensive-predicate request from the result cache only. That gives, per predicate, how many
+Before any backend runs, a probe walks the same rounds as the triage engine but looks up each
+expensive-predicate request in the result cache only. That gives, per predicate, how many
 requests the cache already holds and how many a backend must evaluate. A request that misses the
 cache leaves its response undecided in the probe, so requests that become necessary only after it
 is answered (the rejected response of a pair whose chosen response may violate) are counted apart,
@@ -36,7 +36,7 @@ class PredicateDemand:
     Attributes:
         predicate: the predicate name.
         kind: embedding, classifier, judge or plugin.
-        cached: requests the result cache answers.
+        cached: requests found in the result cache.
         needed: requests a backend must evaluate.
         conditional: further uncached requests, of rejected responses, needed only if uncached
             answers make their chosen response violate (an upper bound).
@@ -49,7 +49,7 @@ class PredicateDemand:
     conditional: int
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
+        """Return the fields as a JSON-ready dict."""
         return {
             "predicate": self.predicate,
             "kind": self.kind,
@@ -65,7 +65,7 @@ def count_requests(
     backends: Mapping[str, PredicateBackend],
     cache: Any,
 ) -> list[PredicateDemand]:
-    """Count, per expensive predicate, the requests a triage answers from cache and must evaluate.
+    """Count, per expensive predicate, the requests a triage finds in the cache and must evaluate.
 
     The probe follows the engine's order (cheapest kind first, then declaration order) and its
     rule that a rejected response is needed only once its chosen response violates. No backend
@@ -211,5 +211,5 @@ def build_plan(
 
 
 def error_count(plan: Plan) -> int:
-    """Return the number of planned verdicts in error (training refuses them)."""
+    """Return the number of planned verdicts in error, which `trace apply` stops on."""
     return sum(1 for v in plan.verdicts if v.category is Category.ERROR)

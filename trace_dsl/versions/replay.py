@@ -85,7 +85,7 @@ class FlipMatrix:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: totals, and one entry per non-empty transition with count and share."""
+        """Return totals and one entry per non-empty transition (count, share) as a JSON-ready dict."""
         return {
             "total": self.total,
             "changed": self.changed,
@@ -116,7 +116,7 @@ class FlipSample:
     new: Verdict
 
     def to_dict(self, *, max_chars: int | None = 400) -> dict[str, Any]:
-        """A JSON-ready dict; texts are cut to `max_chars` characters (None keeps them whole)."""
+        """Return the sample as a JSON-ready dict, texts cut to `max_chars` characters (None keeps them whole)."""
 
         def cut(text: str) -> str:
             if max_chars is None or len(text) <= max_chars:

@@ -28,7 +28,7 @@ class TriageWork:
 
     Attributes:
         evaluated: requests sent to each expensive predicate's backend, by predicate name.
-        cached: requests answered from the result cache, over all predicates.
+        cached: requests found in the result cache, over all predicates.
         seconds: wall time of the triage.
     """
 
@@ -42,7 +42,7 @@ class TriageWork:
         return sum(self.evaluated.values())
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
+        """Return the fields as a JSON-ready dict."""
         return {"evaluated": dict(self.evaluated), "cached": self.cached, "seconds": round(self.seconds, 3)}
 
 
@@ -78,7 +78,7 @@ class DiffReport:
         return self.matrix.changed
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with `schema_version`."""
+        """Return the report as a JSON-ready dict with `schema_version`."""
         return {
             "schema_version": DIFF_SCHEMA_VERSION,
             "old": self.old_ref,

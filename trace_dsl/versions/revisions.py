@@ -2,8 +2,8 @@
 
 A plain path is the file in the working tree. `path@REV` is the file as committed at `REV` (a
 branch, tag, commit or expression such as `HEAD~1`) in the git repository that contains the path.
-Imports must stay inside the policy's folder tree, so that folder is extracted at the same
-revision into a temporary directory and the policy is loaded from there: an import then reads the
+Imports must stay inside the policy's folder tree. That folder is therefore extracted at the same
+revision into a temporary directory, and the policy is loaded from there, so an import reads the
 imported file as it was at `REV`, not as it is in the working tree.
 """
 

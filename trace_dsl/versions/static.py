@@ -17,7 +17,7 @@ from trace_dsl.compiler.policy import CompiledPolicy, PolicyElement
 
 
 class ChangeKind(str, enum.Enum):
-    """How one rule or predicate differs between the old and the new version."""
+    """Kind of difference of one rule, predicate or `let` value between two versions."""
 
     ADDED = "added"
     REMOVED = "removed"
@@ -50,7 +50,7 @@ class Change:
     old_title: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
+        """Return the fields as a JSON-ready dict."""
         return {
             "element": self.element,
             "id": self.id,
@@ -89,7 +89,7 @@ class StaticDiff:
         return [c for c in self.changes if c.element == element and (kind is None or c.kind is kind)]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: hashes, header changes, and the changes by element."""
+        """Return hashes, header changes and the changes by element as a JSON-ready dict."""
         return {
             "old_hash": self.old_hash,
             "new_hash": self.new_hash,
