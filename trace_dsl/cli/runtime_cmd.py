@@ -63,6 +63,7 @@ def apply_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     merge: bool = typer.Option(False, "--merge", help="Also save the adapter merged into the base model (merged/)."),
     drop_errors: bool = typer.Option(False, "--drop-errors", help="Train without pairs whose verdict is error instead of stopping."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Train exactly the verdicts of a plan from `trace plan`; stop if the policy, data or model no longer match it."),
 ) -> None:
     """Triage DATA with POLICY, score the conflicts and re-align MODEL with a LoRA adapter."""
     from trace_dsl.runtime.apply import ApplyRequest, apply_policy, describe_plan, format_duration, load_config
@@ -87,6 +88,7 @@ def apply_command(
         resume=resume,
         merge=merge,
         drop_errors=drop_errors,
+        plan=plan,
         command_line=_command_line(context),
         progress=is_terminal(),
     )

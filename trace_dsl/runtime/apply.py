@@ -211,6 +211,8 @@ class ApplyRequest:
         drop_errors: leave out pairs whose verdict is `error` instead of stopping.
         command_line: the command as typed, for the manifest.
         progress: draw progress bars on stderr.
+        plan: a plan file from `trace plan`, whose verdicts are trained instead of a new triage
+            once the policy, data and model are checked against it.
     """
 
     policy: Path
@@ -228,6 +230,7 @@ class ApplyRequest:
     drop_errors: bool = False
     command_line: tuple[str, ...] = ()
     progress: bool = True
+    plan: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -287,10 +290,19 @@ def triage_with_cache(policy: Any, pairs: Sequence[Any], *, progress: bool) -> l
         return list(triage(policy, pairs, cache=cache, progress=progress))
 
 
-def _triage(request: ApplyRequest, pairs: Sequence[Any]) -> tuple[Any, list[Verdict]]:
+def _triage(request: ApplyRequest, pairs: Sequence[Any], dataset_hash: str = "") -> tuple[Any, list[Verdict]]:
     from trace_dsl.compiler.policy import load_policy
 
     policy = load_policy(request.policy)
+    if request.plan is not None:
+        from trace_dsl.versions.plan import apply_plan
+
+        # The reviewed verdicts, or PlanMismatchError when the policy, data or model moved.
+        pair_ids = [pair.id for pair in pairs]
+        verdicts = apply_plan(
+            request.plan, policy_hash=policy.hash, dataset_hash=dataset_hash, model_name=request.model, pair_ids=pair_ids
+        )
+        return policy, verdicts
     return policy, triage_with_cache(policy, pairs, progress=request.progress)
 
 
@@ -463,7 +475,7 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         policy={"path": str(request.policy)},
         data={"path": str(request.data), "format": request.data_format, "limit": request.limit, "skip_invalid": request.skip_invalid},
         model={"name": request.model},
-        options={"dry_run": request.dry_run, "merge": request.merge, "drop_errors": request.drop_errors, "resume": request.resume},
+        options={"dry_run": request.dry_run, "merge": request.merge, "drop_errors": request.drop_errors, "resume": request.resume, "plan": str(request.plan) if request.plan else None},
     )
     try:
         result = _run_stages(request, run, previous, console)
@@ -496,6 +508,7 @@ def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> Appl
         resume=True,
         merge=request.merge or manifest.get("options", {}).get("merge", False),
         drop_errors=manifest.get("options", {}).get("drop_errors", request.drop_errors),
+        plan=request.plan or (Path(manifest["options"]["plan"]) if manifest.get("options", {}).get("plan") else None),
         command_line=request.command_line,
         progress=request.progress,
     )
@@ -515,7 +528,7 @@ def _run_stages(request: ApplyRequest, run: RunDirectory, previous: Mapping[str,
     pairs = _load_pairs(request)
     data_hash = pairs_hash(pairs)
     file_hash = dataset_hash(request.data, pairs)
-    policy, verdicts = _triage(request, pairs)
+    policy, verdicts = _triage(request, pairs, file_hash)
     policy_hash = getattr(policy, "hash", "")
     if state.is_main_process:
         write_jsonl(run.triage, (verdict.to_dict() for verdict in verdicts))
