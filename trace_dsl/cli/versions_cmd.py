@@ -185,6 +185,8 @@ def describe_plan(plan: Any, work: dict[str, Any]) -> list[str]:
         flips = plan.flips
         moves = ", ".join(f"{t['old']}->{t['new']} {t['count']}" for t in flips["transitions"] if t["old"] != t["new"])
         lines.append(f"against {flips['previous']['ref']}: {flips['changed']} pairs change verdict" + (f" ({moves})" if moves else ""))
+    if not plan.expensive:
+        lines.append("expensive predicates: none, the policy has rules on metadata and text only")
     for demand in plan.expensive:
         line = f"predicate {demand['predicate']} ({demand['kind']}): {demand['needed']} to evaluate, {demand['cached']} cached"
         if demand["conditional"]:
@@ -197,5 +199,8 @@ def describe_plan(plan: Any, work: dict[str, Any]) -> list[str]:
     )
     if plan.model is not None:
         lines.append(f"model {plan.model['name']} -> {plan.model['resolved']}")
-    lines.append(f"triage took {work['seconds']:.1f} s")
+    line = f"triage took {work['seconds']:.1f} s"
+    if plan.expensive:
+        line += f"; expensive-predicate requests evaluated {sum(work['evaluated'].values())}, read from cache {work['cached']}"
+    lines.append(line)
     return lines

@@ -115,6 +115,11 @@ def _headline(report: DiffReport) -> str:
     return f"{report.changed} of {total} pairs change verdict ({_percent(report.changed, total)})."
 
 
+def _short_hash(value: object) -> str:
+    """Return the first 12 hex digits of a hash, without an algorithm prefix such as `sha256:`."""
+    return str(value or "").rsplit(":", 1)[-1][:12]
+
+
 def _rules(rules: tuple[str, ...] | list[str]) -> str:
     return ", ".join(rules) if rules else "none"
 
@@ -148,7 +153,7 @@ def render_markdown(report: DiffReport) -> str:
     lines.append("")
     lines.append(
         f"Policy hash `{static.old_hash[:12]}` → `{static.new_hash[:12]}`; data `{report.dataset.get('path')}` "
-        f"(hash `{str(report.dataset.get('hash', ''))[:12]}`, {report.matrix.total} pairs)."
+        f"(hash `{_short_hash(report.dataset.get('hash'))}`, {report.matrix.total} pairs)."
     )
     work = _work_line(report)
     if work:
