@@ -37,7 +37,9 @@ class PredicateDemand:
         predicate: the predicate name.
         kind: embedding, classifier, judge or plugin.
         cached: requests found in the result cache.
-        needed: requests a backend must evaluate.
+        needed: uncached requests a backend must evaluate. The probe counts them with every
+            uncached answer unknown, so the triage asks fewer when an answer settles a response
+            before a later predicate runs.
         conditional: further uncached requests, of rejected responses, needed only if uncached
             answers make their chosen response violate (an upper bound).
     """
