@@ -232,3 +232,62 @@ def test_weight_scaling_and_uniform_ablation():
     uniform = TrainingConfig(impact={"enabled": False})
     assert scale_weights(scores, uniform) == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0})
     assert math.isclose(sum(scale_weights(scores, TrainingConfig(impact={"enabled": False, "weight_scaling": "sum"})).values()), 1.0)
+
+
+_DISTRIBUTED_SCRIPT = '''
+import json, sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, get_peft_model
+from tiny_models import sample_pairs
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trace_dsl.runtime.config import TrainingConfig
+from trace_dsl.runtime.trainer import EncodedItems, build_trainer, build_training_items, fill_reference_logprobs
+from trace_dsl.triage.verdict import Category
+
+out = Path({out!r})
+config = TrainingConfig(max_length=48, warmup_steps=0, gradient_accumulation_steps=1, max_steps=2, save_steps=100,
+                        lr_scheduler="constant", learning_rate=5e-3, lora={{"r": 4, "dropout": 0.0}})
+tokenizer = AutoTokenizer.from_pretrained({model!r})
+torch.manual_seed(0)
+model = get_peft_model(AutoModelForCausalLM.from_pretrained({model!r}), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+pairs = sample_pairs(8)
+cycle = [Category.INVERT, Category.SUPPRESS, Category.RETAIN]
+items = build_training_items(pairs, {{p.id: cycle[i % 3] for i, p in enumerate(pairs)}}, {{}})
+items = fill_reference_logprobs(model, tokenizer, items, max_length=config.max_length)
+dataset = EncodedItems(items, tokenizer, max_length=config.max_length)
+trainer = build_trainer(model, tokenizer, dataset, config, out / "checkpoints", metrics_path=out / "metrics.jsonl", progress=False)
+trainer.train()
+state = PartialState()
+changed = any(not torch.all(p == 0) for n, p in model.named_parameters() if "lora_B" in n)
+(out / f"rank{{state.process_index}}.json").write_text(json.dumps({{"processes": state.num_processes, "changed": changed, "step": trainer.state.global_step}}))
+'''
+
+
+@pytest.mark.slow
+def test_trains_under_accelerate_launch(tiny_model_dir, tmp_path):
+    """Two CPU processes under `accelerate launch`: both train, only the main one logs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    tests = str(Path(__file__).resolve().parent)
+    script.write_text(_DISTRIBUTED_SCRIPT.format(tests=tests, out=str(tmp_path), model=str(tiny_model_dir)))
+    # On a machine without GPUs, `--multi_gpu` starts torchrun processes that accelerate runs as
+    # multi-CPU data parallel (gloo backend); `--cpu` alone would start a single process.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [rank["processes"] for rank in ranks] == [2, 2]
+    assert all(rank["changed"] for rank in ranks)
+    assert all(rank["step"] == 2 for rank in ranks)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]

@@ -118,6 +118,7 @@ def eval_command(
     output_format: str = typer.Option("table", "--format", help="Output: table or json."),
     generate_n: int = typer.Option(16, "--generate-n", min=0, help="Held-out prompts to answer and judge for policy agreement (0 skips it)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated per answer for policy agreement."),
+    max_pairs: int = typer.Option(100, "--max-pairs", min=1, help="Held-out pairs evaluated per category at most (a seeded sample)."),
     utility_text: Optional[Path] = typer.Option(None, "--utility-text", help="Plain-text file for the perplexity check; default: the bundled general-text sample."),
 ) -> None:
     """Measure a trained run on held-out pairs: inversion, suppression, retention, utility, policy agreement."""
@@ -132,6 +133,7 @@ def eval_command(
         skip_invalid=skip_invalid,
         generate_n=generate_n,
         max_new_tokens=max_new_tokens,
+        max_pairs=max_pairs,
         utility_text=utility_text,
         progress=is_terminal(),
     )

@@ -418,19 +418,24 @@ def _raw_score(raw: Any, pair_id: str) -> float | None:
     return None
 
 
-def _estimate_step_seconds(trainer: Any) -> float:
-    """Time one forward and backward pass of a training batch; gradients are cleared after."""
+def _estimate_step_seconds(trainer: Any, batches: int = 3) -> float:
+    """Time forward and backward passes of the first training batches; gradients are cleared after.
+
+    The first pass pays one-off costs (allocator growth, kernel selection), so the estimate is
+    the mean of the passes after it.
+    """
     import torch
 
-    loader = trainer.get_train_dataloader()
-    batch = next(iter(loader))
-    batch = trainer._prepare_inputs(batch)
     model = trainer.model
     model.train()
-    started = time.perf_counter()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    seconds = time.perf_counter() - started
+    timings = []
+    for _, batch in zip(range(batches), trainer.get_train_dataloader()):
+        batch = trainer._prepare_inputs(batch)
+        started = time.perf_counter()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        timings.append(time.perf_counter() - started)
+    seconds = sum(timings[1:]) / len(timings[1:]) if len(timings) > 1 else timings[0]
     model.zero_grad(set_to_none=True)
     trainer._term_sums.zero_()
     trainer._term_count = 0
@@ -646,7 +651,7 @@ def describe_plan(result: ApplyResult, config: TrainingConfig) -> list[str]:
     ]
     if result.estimated_seconds is not None:
         minutes = result.estimated_seconds / 60
-        lines.append(f"estimated training time {minutes:.1f} min (from one timed micro-batch)")
+        lines.append(f"estimated training time {minutes:.1f} min (from timed micro-batches)")
     lines.append(f"impact scores {'reused' if result.impact_reused else 'computed'}: {result.run.impact_scores}")
     return lines
 

@@ -58,6 +58,8 @@ class EvalRequest:
         data_format: the format of `data`, None to detect it.
         skip_invalid: skip malformed rows of `data` instead of stopping.
         generate_n: held-out prompts answered for policy agreement (0 skips it).
+        max_pairs: evaluate at most this many held-out pairs per category, the same seeded
+            sample every time (None evaluates all).
         max_new_tokens: tokens generated per answer.
         utility_text: the plain-text file for perplexity; None takes the bundled sample.
         progress: draw progress bars on stderr.
@@ -69,6 +71,7 @@ class EvalRequest:
     skip_invalid: bool = False
     generate_n: int = 16
     max_new_tokens: int = 64
+    max_pairs: int | None = 100
     utility_text: Path | None = None
     progress: bool = True
 
@@ -275,6 +278,16 @@ def _policy_agreement(model, tokenizer, policy, pairs, request: EvalRequest, max
     }
 
 
+def _sample(pairs: Sequence[Any], limit: int, seed: int) -> list[Any]:
+    """At most `limit` pairs, a seeded sample that does not depend on the input order."""
+    import random
+
+    ordered = sorted(pairs, key=lambda pair: pair.id)
+    if len(ordered) <= limit:
+        return ordered
+    return sorted(random.Random(seed).sample(ordered, limit), key=lambda pair: pair.id)
+
+
 def _unique_prompts(pairs: Sequence[Any]) -> list[Any]:
     seen, unique = set(), []
     for pair in sorted(pairs, key=lambda p: p.id):
@@ -311,6 +324,9 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
     by_category: dict[Category, list[Any]] = {category: [] for category in Category}
     for pair in pairs:
         by_category[verdicts[pair.id].category].append(pair)
+    available = {category.value: len(group) for category, group in by_category.items()}
+    if request.max_pairs is not None:
+        by_category = {category: _sample(group, request.max_pairs, config.seed) for category, group in by_category.items()}
 
     base, tokenizer = load_model_and_tokenizer(resolve_model(manifest["model"]["name"]))
     model = PeftModel.from_pretrained(base, run.adapter)
@@ -321,7 +337,12 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
         "schema_version": EVAL_SCHEMA_VERSION,
         "run": str(run.root),
         "evaluated_at": utc_now(),
-        "heldout": {"source": source, "counts": {category.value: len(by_category[category]) for category in Category}},
+        "heldout": {
+            "source": source,
+            "counts": {category.value: len(by_category[category]) for category in Category},
+            "available": available,
+            "max_pairs": request.max_pairs,
+        },
         "tie_rule": f"a margin within {TIE_TOLERANCE} nats counts as half a pair; at the base model every implicit reward ties",
         "few_pairs_threshold": FEW_PAIRS,
         "inversion": _inversion(model, tokenizer, by_category[Category.INVERT], config.beta, max_length),
@@ -330,8 +351,8 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
         "utility": _utility(model, tokenizer, request.utility_text or DEFAULT_UTILITY_TEXT, max_length),
     }
     if request.generate_n > 0:
-        conflict_or_all = [pair for pair in pairs if verdicts[pair.id].category is not Category.ERROR]
-        report["policy_agreement"] = _policy_agreement(model, tokenizer, policy, conflict_or_all, request, max_length)
+        decided = [pair for category, group in by_category.items() if category is not Category.ERROR for pair in group]
+        report["policy_agreement"] = _policy_agreement(model, tokenizer, policy, decided, request, max_length)
     write_json(run.eval, report)
     return report
 
