@@ -138,7 +138,7 @@ def main() -> None:
         file=sys.stderr,
     )
 
-    direction, gold_seconds = timed(gold_gradient, model, tokenizer, gold, config)
+    direction, gold_seconds = timed(gold_gradient, model, tokenizer, gold, config, layout="padded")
     print(f"gold gradient: {gold_seconds:.1f} s", file=sys.stderr)
 
     # The machine may be shared, so the methods take turns on the same slices of responses

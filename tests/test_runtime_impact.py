@@ -189,11 +189,13 @@ def test_raw_scores_are_loss_gradient_dot_products(loop_and_directional, model64
         assert loop.raw[pair.id] == pytest.approx(dot, rel=1e-6)
 
 
-def test_padded_layout_matches_packed(model64, tokenizer, loop_and_directional):
-    _, packed = loop_and_directional
-    padded = compute_impact_scores(model64, tokenizer, PAIRS, VERDICTS, _config(), progress=False, layout="padded")
-    for pair_id, expected in packed.raw.items():
-        assert padded.raw[pair_id] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+def test_packed_layout_matches_padded(model64, tokenizer, loop_and_directional):
+    _, padded = loop_and_directional
+    packed = compute_impact_scores(model64, tokenizer, PAIRS, VERDICTS, _config(), progress=False, layout="packed")
+    for pair_id, expected in padded.raw.items():
+        assert packed.raw[pair_id] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    for key, expected in padded.ref_logprobs.items():
+        assert packed.ref_logprobs[key] == pytest.approx(expected, rel=1e-9)
 
 
 def test_directional_matches_loop_float32(tiny_model_dir, tokenizer):

@@ -334,7 +334,7 @@ def gold_gradient(
     gold: Sequence[GoldItem],
     config: TrainingConfig,
     *,
-    layout: Layout = "packed",
+    layout: Layout = "padded",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """g_J: the gradient of the DPO loss summed over the gold batch, at the current weights.
@@ -451,7 +451,7 @@ def directional_derivatives_batched(
     direction: Mapping[str, torch.Tensor],
     *,
     batch_size: int,
-    layout: Layout = "packed",
+    layout: Layout = "padded",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d(y) for a batch at a time by the per-example scalar t, with no weight gradient computed.
@@ -573,7 +573,7 @@ def compute_impact_scores(
     config: TrainingConfig,
     *,
     progress: bool = True,
-    layout: Layout = "packed",
+    layout: Layout = "padded",
 ) -> ImpactResult:
     """Score every INVERT and SUPPRESS pair by its alignment impact, at the starting weights.
 
@@ -588,7 +588,8 @@ def compute_impact_scores(
         config: beta, gamma, max length, the inversion loss kind, the seed (for the gold batch)
             and `config.impact` (method, gold batch size, batch size, weight scaling, enabled).
         progress: draw progress bars on stderr.
-        layout: 'packed' (no padding) or 'padded' batches for the directional method.
+        layout: 'padded' (length-sorted batches, one response per row) or 'packed' (one row
+            without padding) for the gold gradient and the directional method.
 
     Returns:
         The scores, weights, raw values and the reference log-probabilities of both responses of
