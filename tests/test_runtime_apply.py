@@ -237,7 +237,7 @@ def test_judge_generated_lists_metadata_rules():
 
 
 class _ChatCompletions(BaseHTTPRequestHandler):
-    """A loopback OpenAI-compatible endpoint: answers every request, or fails when told to."""
+    """A loopback OpenAI-compatible endpoint: a completion for every request, or HTTP 500 when `fail` is set."""
 
     fail = False
 
@@ -288,8 +288,8 @@ def test_corrected_mode_trains_with_local_generator(tiny_model_dir, tmp_path):
     result = invoke(args)
     assert result.exit_code == 0, result.output
     corrected = read_json(run / "manifest.json")["corrected"]
-    # The random tiny model writes gibberish; whatever the policy makes of it, every SUPPRESS
-    # pair is either trained on its generated response or falls back to dual NPO.
+    # The random tiny model writes gibberish, so the policy may reject it. Either way every
+    # SUPPRESS pair is trained on its generated response or falls back to dual NPO.
     suppress_in_train = read_json(run / "split.json")["counts"]["train"]["suppress"]
     assert suppress_in_train >= 1
     assert corrected["generated"] + corrected["fell_back_to_npo"] == suppress_in_train

@@ -604,7 +604,7 @@ def _run_stages(request: ApplyRequest, run: RunDirectory, previous: Mapping[str,
     if request.dry_run:
         micro_seconds = _estimate_step_seconds(trainer)
         estimate = micro_seconds * config.gradient_accumulation_steps * steps
-        run.update_manifest(plan={"steps": steps, "estimated_seconds": round(estimate, 1), "micro_batch_seconds": round(micro_seconds, 3)})
+        run.update_manifest(training_plan={"steps": steps, "estimated_seconds": round(estimate, 1), "micro_batch_seconds": round(micro_seconds, 3)})
         return ApplyResult(run, counts, split_document["counts"], steps, estimate, reused, "dry-run", 0.0)
 
     # 5. Training, adapter, report.
@@ -627,7 +627,8 @@ def _run_stages(request: ApplyRequest, run: RunDirectory, previous: Mapping[str,
             tokenizer.save_pretrained(run.merged)
         manifest = run.update_manifest(training={"steps": trainer.state.global_step, "seconds": round(train_seconds, 1), "resumed_from": str(checkpoint) if checkpoint else None})
         metrics = list(read_jsonl(run.metrics)) if run.metrics.exists() else []
-        write_report(run.root, manifest, verdicts, split_document["counts"], metrics)
+        # The report is the last file written, so it states the final status and end time.
+        write_report(run.root, {**manifest, "status": "completed", "ended_at": utc_now()}, verdicts, split_document["counts"], metrics)
     state.wait_for_everyone()
     return ApplyResult(run, counts, split_document["counts"], trainer.state.global_step, None, reused, "completed", 0.0)
 

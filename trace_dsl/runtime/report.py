@@ -103,6 +103,9 @@ def write_report(
         f"- model: `{model.get('name', '?')}` resolved to `{model.get('id', '?')}`",
         f"- status: {manifest.get('status', '?')}, started {manifest.get('started_at', '?')}, "
         f"ended {manifest.get('ended_at', '?')}",
+        f"- training: {manifest.get('training', {}).get('steps', '?')} steps in {manifest.get('training', {}).get('seconds', '?')} s; "
+        f"impact scores {'reused' if manifest.get('impact', {}).get('reused') else 'computed'} "
+        f"({manifest.get('impact', {}).get('timings', {}).get('total', 0):.0f} s)",
         f"- seed {config.get('seed', '?')}, beta {config.get('beta', '?')}, alpha_kl {config.get('alpha_kl', '?')}, "
         f"inversion loss `{config.get('inversion_loss', '?')}`, batching `{config.get('batching', '?')}`, "
         f"impact weights {'on' if config.get('impact', {}).get('enabled', True) else 'off'} "
