@@ -16,7 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from trace_dsl.cli.common import handle_errors, is_terminal, stderr, stdout
+from trace_dsl.cli.common import check_output_path, handle_errors, is_terminal, stderr, stdout
 
 SCHEMA_VERSION = 1
 _PIPE_WIDTH = 200
@@ -264,6 +264,7 @@ def triage_command(
         from trace_dsl.errors import TraceError
 
         raise TraceError(str(exc), hint="name the output .jsonl or .parquet, or pass --format") from None
+    check_output_path(output, "triage file")
     pairs = _load_data(data, data_format, skip_invalid, limit)
     policy = load_policy(policy_path, schema=infer_schema(pairs))
     cache = _open_cache(policy, cache_path, no_cache)
@@ -298,7 +299,8 @@ def find_pair(pairs, ident: str):
     for pair in pairs:
         if pair.id == ident:
             return pair
-    if ident.isdigit() and int(ident) < len(pairs):
+    # isdigit alone admits "²" (which int() rejects) and other scripts' digits.
+    if ident.isascii() and ident.isdigit() and int(ident) < len(pairs):
         return pairs[int(ident)]
     raise PairNotFoundError(
         f"no pair with id or row index '{ident}' among {len(pairs)} pairs",

@@ -66,9 +66,10 @@ def _has_data_suffix(path: Path) -> bool:
 
 
 def _open_text(path: Path, compressed: bool) -> IO[str]:
+    # utf-8-sig drops the byte-order mark that Windows tools write at the start of UTF-8 files.
     if compressed:
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open("r", encoding="utf-8-sig")
 
 
 def _check_object(value: Any, location: str) -> Mapping[str, Any]:

@@ -563,6 +563,10 @@ def parse_source(text: str, path: str = "<string>") -> n.PolicyFile:
         ParseFailure: with one diagnostic per broken statement (the parser resumes at the next
             line that starts a statement after each error).
     """
+    if text.startswith("\ufeff"):
+        # Windows editors save UTF-8 with a byte-order mark; a space in its place keeps every
+        # column the same as in the file.
+        text = " " + text[1:]
     diagnostics: list[Diagnostic] = []
     offset = 0
     while True:

@@ -1,0 +1,132 @@
+"""Hostile input to the policy, data and versioning commands: each gets a clear error, no traceback.
+
+Found by trying the commands as a new user would, with files a user can easily produce by
+mistake (a byte-order mark from a Windows editor, an output path that is a folder, a cache
+path that cannot be created).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trace_dsl.cli.main import app
+from trace_dsl.errors import ResultCacheError
+from trace_dsl.triage.cache import ResultCache
+from trace_dsl.triage.output import read_verdicts
+
+ROOT = Path(__file__).resolve().parent.parent
+PKU_POLICY = ROOT / "policies" / "pku_context_aware.tp"
+PKU_DATA = ROOT / "examples" / "pku-saferlhf" / "pairs.jsonl"
+
+runner = CliRunner()
+
+POLICY = '''policy "bom" version "1"
+rule R1 "No shouting":
+  violates when response matches /[A-Z]{5}/
+'''
+
+STANDARD_ROWS = [
+    {"prompt": "Say hi", "chosen": "HELLO THERE", "rejected": "hello"},
+    {"prompt": "Say bye", "chosen": "bye", "rejected": "GOODBYE"},
+]
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def _bom_policy(tmp_path: Path) -> Path:
+    path = tmp_path / "bom.tp"
+    path.write_bytes(b"\xef\xbb\xbf" + POLICY.encode("utf-8"))
+    return path
+
+
+def _bom_data(tmp_path: Path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    text = "".join(json.dumps(row) + "\n" for row in STANDARD_ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    return path
+
+
+def test_bom_policy_checks_and_triages(tmp_path):
+    policy = _bom_policy(tmp_path)
+    assert invoke("check", str(policy)).exit_code == 0
+    out = tmp_path / "triage.jsonl"
+    result = invoke("triage", str(policy), "--data", str(PKU_DATA), "-o", str(out), "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert len(read_verdicts(out)) == 3
+
+
+def test_fmt_drops_bom(tmp_path):
+    policy = _bom_policy(tmp_path)
+    assert invoke("fmt", str(policy)).exit_code == 0
+    assert policy.read_text(encoding="utf-8").startswith('policy "bom"')
+    assert invoke("fmt", "--check", str(policy)).exit_code == 0
+
+
+def test_bom_jsonl_loads_every_row(tmp_path):
+    data = _bom_data(tmp_path)
+    result = invoke("data", "inspect", str(data), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["format"] == "standard"
+    assert report["rows"] == 2
+    assert report["pairs"] == 2
+
+
+def test_bom_json_array_loads(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(STANDARD_ROWS).encode("utf-8"))
+    result = invoke("data", "inspect", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["pairs"] == 2
+
+
+@pytest.mark.parametrize("ident", ["²", "٣"])
+def test_explain_non_ascii_digit_pair(ident):
+    # "²" passes str.isdigit but int() rejects it, and "٣" (Arabic-Indic three) would select row 3.
+    result = invoke("explain", str(PKU_POLICY), "--data", str(PKU_DATA), "--pair", ident)
+    assert result.exit_code == 1
+    assert "no pair with id or row index" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "command"),
+    [
+        ("out.jsonl", ["triage", str(PKU_POLICY)]),
+        ("plan.json", ["plan", str(PKU_POLICY)]),
+        ("report.md", ["diff", str(PKU_POLICY), str(PKU_POLICY)]),
+    ],
+)
+def test_output_folder_rejected(tmp_path, name, command):
+    folder = tmp_path / name
+    folder.mkdir()
+    result = invoke(*command, "--data", str(PKU_DATA), "-o", str(folder), "--limit", "2")
+    assert result.exit_code == 1
+    assert "error[TO001]" in result.output
+    assert "is a folder, not a file" in result.output
+
+
+def test_output_parent_not_creatable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    target = blocker / "sub" / "triage.jsonl"
+    result = invoke("triage", str(PKU_POLICY), "--data", str(PKU_DATA), "-o", str(target), "--limit", "2")
+    assert result.exit_code == 1
+    assert "error[TO001]" in result.output
+    assert "Not a directory" in result.output
+
+
+def test_cache_sqlite_cannot_open(tmp_path):
+    # The folder exists, but the name is a link to a missing place, so sqlite3 cannot open it.
+    link = tmp_path / "results.sqlite"
+    link.symlink_to(tmp_path / "missing" / "results.sqlite")
+    with pytest.raises(ResultCacheError, match="cannot create the result cache"):
+        ResultCache(link)
