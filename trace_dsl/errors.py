@@ -106,3 +106,9 @@ class GitRevisionError(TraceError, LookupError):
     """A `file@revision` reference cannot be read from git."""
 
     code = "TG001"
+
+
+class OutputPathError(TraceError, OSError):
+    """An output file (triage file, plan, report) cannot be written where the user asked."""
+
+    code = "TO001"

@@ -6,12 +6,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
-from trace_dsl.errors import TraceError
+from trace_dsl.errors import OutputPathError, TraceError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,23 +34,53 @@ def fail(message: str, *, hint: str | None = None, code: int = 1) -> "typer.Exit
 
 
 def handle_errors(func: F) -> F:
-    """Turn a `TraceError` raised by a command into a printed message and exit code 1."""
+    """Turn a `TraceError` or an `OSError` raised by a command into a printed message and exit code 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except TraceError as exc:
+            # soft_wrap: a path broken across lines at column 80 cannot be copied or grepped.
             stderr.print(f"[bold red]error[{exc.code}]:[/] ", end="", markup=True)
-            stderr.print(exc.message, markup=False, highlight=False)
+            stderr.print(exc.message, markup=False, highlight=False, soft_wrap=True)
             if exc.hint:
-                stderr.print(f"hint: {exc.hint}", markup=False, highlight=False)
+                stderr.print(f"hint: {exc.hint}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            # Reading or writing a file failed after the checks (disk full, permissions). Name the
+            # file instead of printing a traceback.
+            where = f": {exc.filename}" if exc.filename else ""
+            stderr.print(f"[bold red]error:[/] {exc.strerror or exc}{where}", markup=True, highlight=False,
+                         soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             stderr.print("interrupted; work already written to disk is kept", markup=False)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_output_path(path: Path, label: str) -> None:
+    """Create the folder of output file `path`, or raise before any work when it cannot be written.
+
+    Called before a long triage, diff or plan, so a mistyped `-o` fails in a second instead of
+    after the work is done.
+
+    Raises:
+        OutputPathError: `path` is a folder, or its folder cannot be created or written.
+    """
+    if path.is_dir():
+        raise OutputPathError(f"{label} {path} is a folder, not a file",
+                              hint=f"name a file, for example {path / ('out' + path.suffix if path.suffix else 'out')}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create the folder of {label} {path}: {exc.strerror or exc}",
+                              hint="pass a path in a writable folder") from None
+    if not os.access(path.parent, os.W_OK):
+        raise OutputPathError(f"cannot write {label} {path}: its folder is read-only",
+                              hint="pass a path in a writable folder")
 
 
 def is_terminal() -> bool:

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from trace_dsl.cli.common import handle_errors, is_terminal, stderr, stdout
+from trace_dsl.cli.common import check_output_path, handle_errors, is_terminal, stderr, stdout
 
 # `--detailed-exitcode` statuses, as `terraform plan` uses them.
 EXIT_NO_CHANGES = 0
@@ -92,6 +92,8 @@ def diff_command(
     from trace_dsl.versions.report import render_json, render_markdown, render_table
 
     wanted = parse_transition(transition) if transition else None
+    if output is not None:
+        check_output_path(output, "report file")
     pairs, info = _load_data(data, data_format, limit, skip_invalid)
     cache = _open_cache(cache_path, no_cache)
     try:
@@ -143,6 +145,7 @@ def plan_command(
 
     config = load_config(config_file, settings)
     identity = model_identity(model) if model else None
+    check_output_path(output, "plan file")
     pairs, info = _load_data(data, data_format, limit, False)
     cache = _open_cache(cache_path, no_cache)
     try:

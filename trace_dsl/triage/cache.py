@@ -96,6 +96,7 @@ class ResultCache:
         self._hits = 0
         self._misses = 0
         self._writes = 0
+        self._connection: sqlite3.Connection | None = None
         if self.path.is_dir():
             raise ResultCacheError(
                 f"result cache path {self.path} is a folder, not a file",
@@ -103,16 +104,28 @@ class ResultCache:
             )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._connection: sqlite3.Connection | None = sqlite3.connect(str(self.path), timeout=30.0)
+            self._connection = sqlite3.connect(str(self.path), timeout=30.0)
             self._prepare()
         except ResultCacheError:
             self._close_quietly()
             raise
+        except sqlite3.OperationalError as exc:
+            if self._connection is not None:
+                # Opened, then refused (locked, read-only): the file itself is not at fault.
+                self._close_quietly()
+                raise ResultCacheError(
+                    f"cannot use {self.path} as a result cache: {exc}",
+                    hint="check that the file is writable and no other program holds it, or pass another cache path",
+                ) from exc
+            raise ResultCacheError(
+                f"cannot create the result cache {self.path}: {exc}",
+                hint="pass a cache path in a writable folder",
+            ) from exc
         except sqlite3.DatabaseError as exc:
             self._close_quietly()
             raise ResultCacheError(
                 f"cannot use {self.path} as a result cache: {exc}",
-                hint="the file is not a trace-dsl result cache; delete it or pass another cache path",
+                hint="pass another cache path, or delete the file if it is a damaged result cache",
             ) from exc
         except OSError as exc:
             raise ResultCacheError(
