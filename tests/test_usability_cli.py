@@ -130,3 +130,32 @@ def test_cache_sqlite_cannot_open(tmp_path):
     link.symlink_to(tmp_path / "missing" / "results.sqlite")
     with pytest.raises(ResultCacheError, match="cannot create the result cache"):
         ResultCache(link)
+
+
+def _check_regex(tmp_path: Path, pattern: str):
+    policy = tmp_path / "regex.tp"
+    policy.write_text(f'policy "regex" version "1"\nrule R1 "r":\n  violates when response matches /{pattern}/\n',
+                      encoding="utf-8")
+    return policy, invoke("check", str(policy))
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(?:x*y?)*z", "((ab)+c)*"])
+def test_check_warns_nested_repeat(tmp_path, pattern):
+    policy, result = _check_regex(tmp_path, pattern)
+    # A warning: the pattern is valid and may be meant, so the check still passes.
+    assert result.exit_code == 0
+    assert f"{policy}:3:34: warning[TP140]:" in result.stdout
+
+
+@pytest.mark.parametrize("pattern", ["a+b+", "(ab){1,3}c*", "(a|b)+", r"\w+(\s\w+){0,5}"])
+def test_check_accepts_single_repeat(tmp_path, pattern):
+    _, result = _check_regex(tmp_path, pattern)
+    assert result.exit_code == 0
+    assert "TP140" not in result.stdout
+
+
+def test_shipped_policies_have_no_nested_repeat():
+    files = sorted(str(path) for path in (ROOT / "policies").rglob("*.tp"))
+    result = invoke("check", *files)
+    assert result.exit_code == 0
+    assert "TP140" not in result.stdout

@@ -17,6 +17,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+try:  # Python 3.11 renamed the modules behind `re`; 3.10 has them as sre_parse and sre_constants.
+    from re import _constants as _sre_constants, _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
 from trace_dsl.lang import nodes as n
 from trace_dsl.lang.diagnostics import Diagnostic, did_you_mean
 from trace_dsl.lang.imports import Module, ModuleSet, load_modules
@@ -82,6 +88,38 @@ class CheckResult:
     def ok(self) -> bool:
         """Whether no diagnostic is an error."""
         return not any(d.severity == "error" for d in self.diagnostics)
+
+
+def _nested_unbounded_repeat(items: Iterable) -> bool:
+    """Return whether a parsed pattern has an unbounded repeat inside another, as in `(a+)+`.
+
+    This is the usual shape of catastrophic backtracking in Python `re`, which has no time limit.
+    Overlapping alternatives under one repeat, as in `(a|a)*`, backtrack too and are not found.
+    """
+    return _walk_repeats(items, inside=False)
+
+
+def _walk_repeats(items: Iterable, *, inside: bool) -> bool:
+    repeats = (_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT)
+    for op, arg in items:
+        if op in repeats:
+            _low, high, body = arg
+            unbounded = high == _sre_constants.MAXREPEAT
+            if unbounded and inside:
+                return True
+            if _walk_repeats(body, inside=inside or unbounded):
+                return True
+        elif op is _sre_constants.SUBPATTERN:
+            if _walk_repeats(arg[-1], inside=inside):
+                return True
+        elif op is _sre_constants.BRANCH:
+            if any(_walk_repeats(branch, inside=inside) for branch in arg[1]):
+                return True
+        elif op in (_sre_constants.ASSERT, _sre_constants.ASSERT_NOT):
+            if _walk_repeats(arg[1], inside=inside):
+                return True
+        # Atomic groups and possessive repeats never backtrack into their body, so they are skipped.
+    return False
 
 
 # ---- Dataset schema -------------------------------------------------------------------------------
@@ -542,6 +580,16 @@ class _Checker:
             span = n.Span(regex.span.line, column, regex.span.line, column + 1)
             self.error("TP105", f"invalid regular expression: {exc.msg}", span,
                        hint="the pattern uses Python `re` syntax; escape special characters with `\\`")
+            return
+        if _nested_unbounded_repeat(_sre_parse.parse(regex.pattern, flags)):
+            self.diagnostics.append(Diagnostic(
+                "TP140", "regular expression repeats a group that itself repeats without bound; "
+                "on a text that almost matches, Python `re` can backtrack exponentially and stall triage",
+                self.module, regex.span.line, regex.span.column,
+                regex.span.end_column if regex.span.end_line == regex.span.line else 0,
+                hint="make only one of the two repeat: `(a+)+` matches the same texts as `a+`",
+                severity="warning",
+            ))
 
     def check_keywords(self, expr: n.Keywords) -> None:
         self.check_text_subject(expr.subject, expr.op)
