@@ -159,3 +159,30 @@ def test_shipped_policies_have_no_nested_repeat():
     result = invoke("check", *files)
     assert result.exit_code == 0
     assert "TP140" not in result.stdout
+
+
+def _jsonl(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+GOOD_ROW = json.dumps(STANDARD_ROWS[0])
+
+
+def test_nan_line_named(tmp_path):
+    data = _jsonl(tmp_path, [GOOD_ROW, '{"prompt": "p", "chosen": "a", "rejected": "b", "score": Infinity}'])
+    result = invoke("data", "inspect", str(data))
+    assert result.exit_code == 1
+    assert f"{data}:2: Infinity is not valid JSON" in " ".join(result.output.split())
+
+
+def test_nan_metadata_is_no_silent_retain(tmp_path):
+    # NaN compares false with every number, so `severity_level >= 2` would let the response comply.
+    row = '{"prompt": "p", "chosen": "a", "rejected": "b", "severity_level": NaN}'
+    data = _jsonl(tmp_path, [row])
+    policy = tmp_path / "p.tp"
+    policy.write_text('policy "p" version "1"\nrule S "s":\n  violates when pair.severity_level >= 2\n', encoding="utf-8")
+    result = invoke("triage", str(policy), "--data", str(data), "-o", str(tmp_path / "t.jsonl"))
+    assert result.exit_code == 1
+    assert "NaN is not valid JSON" in " ".join(result.output.split())

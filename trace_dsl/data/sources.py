@@ -80,18 +80,26 @@ def _check_object(value: Any, location: str) -> Mapping[str, Any]:
     return value
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not allow. A NaN field compares false
+    # with every number, so a test such as `severity_level >= 2` would silently pass.
+    raise ValueError(f"{name} is not valid JSON; write null for a missing value")
+
+
 def _read_json_lines(path: Path, handle: IO[str], *, first_line: int = 1) -> Iterator[RawRow]:
     for number, line in enumerate(handle, start=first_line):
         if not line.strip():
             continue
         location = f"{path}:{number}"
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             raise DatasetFormatError(
                 f"{location}: invalid JSON at column {exc.colno}: {exc.msg}",
                 hint="each line of a .jsonl file holds one complete JSON object",
             ) from None
+        except ValueError as exc:
+            raise DatasetFormatError(f"{location}: {exc}") from None
         yield RawRow(number, _check_object(value, location), location)
 
 
@@ -99,7 +107,7 @@ def _read_json(path: Path, compressed: bool) -> Iterator[RawRow]:
     with _open_text(path, compressed) as handle:
         text = handle.read()
     try:
-        document = json.loads(text)
+        document = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # Several JSON values one after another: JSON lines under a .json name.
@@ -108,6 +116,8 @@ def _read_json(path: Path, compressed: bool) -> Iterator[RawRow]:
         raise DatasetFormatError(
             f"{path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}",
         ) from None
+    except ValueError as exc:
+        raise DatasetFormatError(f"{path}: {exc}") from None
     if isinstance(document, dict):
         lists = [value for value in document.values() if isinstance(value, list)]
         if len(lists) == 1 and all(isinstance(item, dict) for item in lists[0]):
