@@ -186,3 +186,40 @@ def test_nan_metadata_is_no_silent_retain(tmp_path):
     result = invoke("triage", str(policy), "--data", str(data), "-o", str(tmp_path / "t.jsonl"))
     assert result.exit_code == 1
     assert "NaN is not valid JSON" in " ".join(result.output.split())
+
+
+def test_lone_surrogate_escape_rejected(tmp_path):
+    # A lone surrogate cannot be encoded as UTF-8, so hashing or formatting the policy would fail.
+    policy = tmp_path / "s.tp"
+    policy.write_text('policy "s" version "1"\nrule R1 "r":\n  violates when response contains "a\\ud800"\n',
+                      encoding="utf-8")
+    result = invoke("check", str(policy))
+    assert result.exit_code == 1
+    assert f"{policy}:3:35: error[TP002]:" in result.stdout
+    assert "surrogate" in result.stdout
+
+
+def test_surrogate_pair_escape_decodes(tmp_path):
+    policy = tmp_path / "s.tp"
+    policy.write_text('policy "s" version "1"\nrule R1 "r":\n  violates when response contains "\\ud83d\\ude00"\n',
+                      encoding="utf-8")
+    data = _jsonl(tmp_path, [json.dumps({"prompt": "p", "chosen": "ok \U0001F600", "rejected": "ok"})])
+    out = tmp_path / "t.jsonl"
+    result = invoke("triage", str(policy), "--data", str(data), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert read_verdicts(out)[0].category.value == "invert"
+
+
+def test_lone_surrogate_in_data_named(tmp_path):
+    # Python's json decodes "\udc00" to a lone surrogate, which no UTF-8 output or hash accepts.
+    data = _jsonl(tmp_path, [GOOD_ROW, '{"prompt": "p", "chosen": "a\\udc00", "rejected": "b"}'])
+    result = invoke("data", "inspect", str(data))
+    assert result.exit_code == 1
+    assert f"{data}:2: `\\udc00` is half of a surrogate pair" in " ".join(result.output.split())
+
+
+def test_escaped_backslash_u_is_text(tmp_path):
+    # "\\ud800" in JSON is a backslash followed by "ud800", plain text a code sample may hold.
+    data = _jsonl(tmp_path, [json.dumps({"prompt": "p", "chosen": "write \\ud800", "rejected": "b"})])
+    result = invoke("data", "inspect", str(data))
+    assert result.exit_code == 0, result.output

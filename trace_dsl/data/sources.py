@@ -86,6 +86,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON; write null for a missing value")
 
 
+def _check_surrogates(value: Any, location: str) -> None:
+    """Raise when a string in `value` holds a lone surrogate (a `\\uD800`-`\\uDFFF` escape without its pair).
+
+    Python's json decodes such an escape without complaint, but the result cannot be encoded as
+    UTF-8, so hashing the pair id and writing outputs fail. It is usually a character cut in two.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(exc.object[exc.start])
+        raise DatasetFormatError(
+            f"{location}: `\\u{code:04x}` is half of a surrogate pair, so the text is not valid Unicode",
+            hint="repair or remove this row; it usually holds a character that was cut in two",
+        ) from None
+
+
 def _read_json_lines(path: Path, handle: IO[str], *, first_line: int = 1) -> Iterator[RawRow]:
     for number, line in enumerate(handle, start=first_line):
         if not line.strip():
@@ -100,6 +116,9 @@ def _read_json_lines(path: Path, handle: IO[str], *, first_line: int = 1) -> Ite
             ) from None
         except ValueError as exc:
             raise DatasetFormatError(f"{location}: {exc}") from None
+        if "\\u" in line:
+            # Only an escape can produce a lone surrogate, so other lines skip the check.
+            _check_surrogates(value, location)
         yield RawRow(number, _check_object(value, location), location)
 
 
@@ -118,6 +137,8 @@ def _read_json(path: Path, compressed: bool) -> Iterator[RawRow]:
         ) from None
     except ValueError as exc:
         raise DatasetFormatError(f"{path}: {exc}") from None
+    if "\\u" in text:
+        _check_surrogates(document, str(path))
     if isinstance(document, dict):
         lists = [value for value in document.values() if isinstance(value, list)]
         if len(lists) == 1 and all(isinstance(item, dict) for item in lists[0]):

@@ -78,7 +78,17 @@ def decode_string(token: Token) -> str:
             out.append(_ESCAPES[escape])
             i += 2
         elif escape == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", raw[i + 2 : i + 6]):
-            out.append(chr(int(raw[i + 2 : i + 6], 16)))
+            code = int(raw[i + 2 : i + 6], 16)
+            low = raw[i + 8 : i + 12] if raw[i + 6 : i + 8] == "\\u" else ""
+            if 0xD800 <= code <= 0xDBFF and re.fullmatch(r"[dD][c-fC-F][0-9a-fA-F]{2}", low):
+                # A surrogate pair, as JSON writes a character beyond U+FFFF.
+                out.append(chr(0x10000 + ((code - 0xD800) << 10) + (int(low, 16) - 0xDC00)))
+                i += 12
+                continue
+            if 0xD800 <= code <= 0xDFFF:
+                # UTF-8 cannot encode a lone surrogate, so the policy could not be hashed or written.
+                raise _StringLiteralError(token, f"`\\u{raw[i + 2 : i + 6]}` is half of a surrogate pair")
+            out.append(chr(code))
             i += 6
         else:
             raise _StringLiteralError(token, f"invalid escape `\\{escape}` in a string")
