@@ -223,3 +223,20 @@ def test_escaped_backslash_u_is_text(tmp_path):
     data = _jsonl(tmp_path, [json.dumps({"prompt": "p", "chosen": "write \\ud800", "rejected": "b"})])
     result = invoke("data", "inspect", str(data))
     assert result.exit_code == 0, result.output
+
+
+def test_diff_markdown_escapes_pair_text(tmp_path):
+    # Pair texts and policy strings are data: they must not close the report's <details> or fence.
+    row = {"prompt": "a | b", "chosen": "x ``` </details> <b>bold</b> & more", "rejected": "ok"}
+    data = _jsonl(tmp_path, [json.dumps(row)])
+    old = tmp_path / "old.tp"
+    old.write_text('policy "m" version "1"\nrule A "t":\n  violates when response contains "zzz"\n', encoding="utf-8")
+    new = tmp_path / "new.tp"
+    new.write_text('policy "m" version "1"\nrule A "t":\n  violates when response contains "```"\n', encoding="utf-8")
+    result = invoke("diff", str(old), str(new), "--data", str(data), "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert text.count("</details>") == text.count("<details>")
+    assert "<b>" not in text
+    assert "  - chosen: x \\`\\`\\` &lt;/details&gt; &lt;b&gt;bold&lt;/b&gt; &amp; more" in text
+    assert "\n````diff\n" in text

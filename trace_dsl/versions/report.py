@@ -7,6 +7,7 @@ summary first, the rule changes, the flip matrix, then collapsed sample pairs pe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -142,7 +143,17 @@ def _work_line(report: DiffReport) -> str | None:
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    # Pair texts are data: escaped, a `</details>`, a tag or a backtick run cannot change the layout.
+    text = " ".join(text.split())
+    for char, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("`", "\\`")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _fence(lines: list[str]) -> str:
+    """Return a code fence longer than any backtick run in `lines`, so none of them closes it."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    return "`" * max(3, longest + 1)
 
 
 def render_markdown(report: DiffReport) -> str:
@@ -178,13 +189,14 @@ def render_markdown(report: DiffReport) -> str:
             lines.append(f"| {change.kind.value} | {change.element} | `{change.id}` | {title} |")
         edited = [c for c in static.changes if c.kind is not ChangeKind.AFFECTED and c.old != c.new]
         if edited:
-            lines += ["", "<details><summary>Definitions</summary>", "", "```diff"]
+            body = []
             for change in edited:
                 if change.old is not None:
-                    lines.append(f"- {change.element} {change.id}: {' '.join(change.old.split())}")
+                    body.append(f"- {change.element} {change.id}: {' '.join(change.old.split())}")
                 if change.new is not None:
-                    lines.append(f"+ {change.element} {change.id}: {' '.join(change.new.split())}")
-            lines += ["```", "", "</details>"]
+                    body.append(f"+ {change.element} {change.id}: {' '.join(change.new.split())}")
+            fence = _fence(body)
+            lines += ["", "<details><summary>Definitions</summary>", "", f"{fence}diff", *body, fence, "", "</details>"]
     lines.append("")
 
     lines.append("#### Flip matrix (rows: old verdict, columns: new verdict)")
