@@ -240,3 +240,10 @@ def test_diff_markdown_escapes_pair_text(tmp_path):
     assert "<b>" not in text
     assert "  - chosen: x \\`\\`\\` &lt;/details&gt; &lt;b&gt;bold&lt;/b&gt; &amp; more" in text
     assert "\n````diff\n" in text
+
+
+def test_inspect_accepts_data_format():
+    # Every other command names the row format --data-format, so a user will type it here too.
+    result = invoke("data", "inspect", str(PKU_DATA), "--data-format", "pku-saferlhf", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "pku-saferlhf"

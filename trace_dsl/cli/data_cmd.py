@@ -130,7 +130,7 @@ def _print_inspect_table(report: dict[str, Any]) -> None:
 @handle_errors
 def inspect_command(
     source: str = typer.Argument(..., help="A .jsonl, .json or .parquet file (optionally .gz), or a dataset id org/name[:split]."),
-    data_format: Optional[str] = typer.Option(None, "--format", help=_format_help()),
+    data_format: Optional[str] = typer.Option(None, "--format", "--data-format", help=_format_help()),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed rows and report them, instead of stopping at the first."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read at most this many pairs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (with schema_version)."),
