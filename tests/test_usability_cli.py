@@ -247,3 +247,30 @@ def test_inspect_accepts_data_format():
     result = invoke("data", "inspect", str(PKU_DATA), "--data-format", "pku-saferlhf", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["format"] == "pku-saferlhf"
+
+
+@pytest.mark.parametrize("command", ["triage", "plan", "diff"])
+@pytest.mark.parametrize("victim", ["data", "policy"])
+def test_output_over_input_rejected(tmp_path, command, victim):
+    policy = tmp_path / "p.tp"
+    policy.write_text(POLICY, encoding="utf-8")
+    data = _jsonl(tmp_path, [json.dumps(row) for row in STANDARD_ROWS])
+    target = data if victim == "data" else policy
+    before = target.read_bytes()
+    policies = [str(policy), str(policy)] if command == "diff" else [str(policy)]
+    # --format jsonl gets triage past its check of the output's extension.
+    forced = ["--format", "jsonl"] if command == "triage" else []
+    result = invoke(command, *policies, "--data", str(data), "-o", str(target), *forced)
+    assert result.exit_code == 1
+    assert "error[TO001]" in result.output
+    assert target.read_bytes() == before
+
+
+def test_output_over_revision_file_rejected(tmp_path):
+    # policy.tp@HEAD names a revision, but policy.tp itself is still the user's working file.
+    policy = tmp_path / "p.tp"
+    policy.write_text(POLICY, encoding="utf-8")
+    data = _jsonl(tmp_path, [json.dumps(row) for row in STANDARD_ROWS])
+    result = invoke("plan", f"{policy}@HEAD", "--data", str(data), "-o", str(policy))
+    assert result.exit_code == 1
+    assert "error[TO001]" in result.output

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import typer
 from rich.console import Console
@@ -61,15 +61,23 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_output_path(path: Path, label: str) -> None:
+def check_output_path(path: Path, label: str, *, inputs: Iterable[str | Path] = ()) -> None:
     """Create the folder of output file `path`, or raise before any work when it cannot be written.
 
     Called before a long triage, diff or plan, so a mistyped `-o` fails in a second instead of
-    after the work is done.
+    after the work is done. `inputs` are the files the command reads (data, policies, also given
+    as FILE@REVISION), which the output must not replace.
 
     Raises:
-        OutputPathError: `path` is a folder, or its folder cannot be created or written.
+        OutputPathError: `path` is a folder or one of `inputs`, or its folder cannot be created
+            or written.
     """
+    if path.is_file():
+        for given in inputs:
+            for candidate in {str(given), str(given).rpartition("@")[0] or str(given)}:
+                if Path(candidate).is_file() and os.path.samefile(candidate, path):
+                    raise OutputPathError(f"{label} {path} is the input {given}; writing it would destroy the input",
+                                          hint="pass another output path")
     if path.is_dir():
         raise OutputPathError(f"{label} {path} is a folder, not a file",
                               hint=f"name a file, for example {path / ('out' + path.suffix if path.suffix else 'out')}")

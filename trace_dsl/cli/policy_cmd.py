@@ -264,7 +264,7 @@ def triage_command(
         from trace_dsl.errors import TraceError
 
         raise TraceError(str(exc), hint="name the output .jsonl or .parquet, or pass --format") from None
-    check_output_path(output, "triage file")
+    check_output_path(output, "triage file", inputs=[policy_path, data])
     pairs = _load_data(data, data_format, skip_invalid, limit)
     policy = load_policy(policy_path, schema=infer_schema(pairs))
     cache = _open_cache(policy, cache_path, no_cache)

@@ -93,7 +93,7 @@ def diff_command(
 
     wanted = parse_transition(transition) if transition else None
     if output is not None:
-        check_output_path(output, "report file")
+        check_output_path(output, "report file", inputs=[old, new, data])
     pairs, info = _load_data(data, data_format, limit, skip_invalid)
     cache = _open_cache(cache_path, no_cache)
     try:
@@ -145,7 +145,7 @@ def plan_command(
 
     config = load_config(config_file, settings)
     identity = model_identity(model) if model else None
-    check_output_path(output, "plan file")
+    check_output_path(output, "plan file", inputs=[policy, data, *([previous] if previous else [])])
     pairs, info = _load_data(data, data_format, limit, False)
     cache = _open_cache(cache_path, no_cache)
     try:
