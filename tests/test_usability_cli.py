@@ -274,3 +274,20 @@ def test_output_over_revision_file_rejected(tmp_path):
     result = invoke("plan", f"{policy}@HEAD", "--data", str(data), "-o", str(policy))
     assert result.exit_code == 1
     assert "error[TO001]" in result.output
+
+
+def test_parquet_nan_is_missing(tmp_path):
+    # Parquet stores NaN as a real float; read as a number it would let `score >= 2` pass silently.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "pairs.parquet"
+    table = pa.table({"prompt": ["p", "q"], "chosen": ["a", "c"], "rejected": ["b", "d"], "score": [float("nan"), 3.0]})
+    pq.write_table(table, data)
+    policy = tmp_path / "p.tp"
+    policy.write_text('policy "p" version "1"\nrule S "s":\n  violates when pair.score >= 2\n', encoding="utf-8")
+    out = tmp_path / "t.jsonl"
+    result = invoke("triage", str(policy), "--data", str(data), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    categories = [verdict.category.value for verdict in read_verdicts(out)]
+    assert categories == ["error", "suppress"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,22 @@ def _read_json(path: Path, compressed: bool) -> Iterator[RawRow]:
         yield RawRow(index, _check_object(value, location), location)
 
 
+def _nan_to_none(value: Any) -> Any:
+    """Return `value` with every float NaN, at any depth, replaced by `None`.
+
+    Arrow columns (Parquet, datasets) hold NaN where pandas had a missing number. As a number it
+    compares false with everything, so `severity_level >= 2` would pass; as null the field is
+    missing and the pair gets an `error` verdict.
+    """
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
 def _read_parquet(path: Path, compressed: bool) -> Iterator[RawRow]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -170,12 +187,12 @@ def _read_parquet(path: Path, compressed: bool) -> Iterator[RawRow]:
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
         for value in batch.to_pylist():
             number += 1
-            yield RawRow(number, value, f"{path}:row {number}")
+            yield RawRow(number, _nan_to_none(value), f"{path}:row {number}")
 
 
 def _read_dataset(dataset: Any, label: str) -> Iterator[RawRow]:
     for number, value in enumerate(dataset, start=1):
-        yield RawRow(number, value, f"{label}:row {number}")
+        yield RawRow(number, _nan_to_none(value), f"{label}:row {number}")
 
 
 def _load_saved_dataset(path: Path) -> Iterator[RawRow]:
