@@ -291,3 +291,13 @@ def test_parquet_nan_is_missing(tmp_path):
     assert result.exit_code == 0, result.output
     categories = [verdict.category.value for verdict in read_verdicts(out)]
     assert categories == ["error", "suppress"]
+
+
+def test_non_utf8_line_named(tmp_path):
+    # The decoder reports a position inside its read buffer, not in the file: the line is found anew.
+    data = tmp_path / "latin1.jsonl"
+    rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3000))
+    data.write_bytes(rows.encode("utf-8") + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    result = invoke("data", "inspect", str(data))
+    assert result.exit_code == 1
+    assert f"{data}:3001: not UTF-8 text" in " ".join(result.output.split())

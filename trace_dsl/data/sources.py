@@ -154,6 +154,18 @@ def _read_json(path: Path, compressed: bool) -> Iterator[RawRow]:
         yield RawRow(index, _check_object(value, location), location)
 
 
+def _undecodable_line(path: Path, compressed: bool) -> tuple[int, int] | None:
+    """Return the 1-based line and byte column of the first bytes that are not UTF-8, if any."""
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return number, exc.start + 1
+    return None
+
+
 def _nan_to_none(value: Any) -> Any:
     """Return `value` with every float NaN, at any depth, replaced by `None`.
 
@@ -267,6 +279,11 @@ def read_rows(source: str | Path) -> Iterator[RawRow]:
             with _open_text(path, compressed) as handle:
                 yield from _read_json_lines(path, handle)
     except UnicodeDecodeError as exc:
-        raise DatasetFormatError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        # exc.start counts from the decoder's buffer, not the file, so find the line again.
+        where = _undecodable_line(path, compressed)
+        location = f"{path}:{where[0]}" if where else str(path)
+        detail = f" at column {where[1]}" if where else ""
+        raise DatasetFormatError(f"{location}: not UTF-8 text: {exc.reason}{detail}",
+                                 hint="save the file as UTF-8") from None
     except (gzip.BadGzipFile, EOFError) as exc:
         raise DatasetFormatError(f"{path}: damaged or truncated gzip file: {exc}") from None
