@@ -301,3 +301,11 @@ def test_non_utf8_line_named(tmp_path):
     result = invoke("data", "inspect", str(data))
     assert result.exit_code == 1
     assert f"{data}:3001: not UTF-8 text" in " ".join(result.output.split())
+
+
+def test_explain_kind_of_cheap_predicate():
+    # "rule" read as if the predicate were one of the policy's rules (C1, R1, ...).
+    result = invoke("explain", str(PKU_POLICY), "--data", str(PKU_DATA), "--pair", "0", "--format", "json")
+    assert result.exit_code == 0, result.output
+    kinds = {item["kind"] for item in json.loads(result.stdout)["predicates"]}
+    assert kinds == {"cheap"}

@@ -49,7 +49,7 @@ class PredicateExplanation:
 
     Attributes:
         name: the predicate name.
-        kind: "rule" for a cheap test, else the backend kind (embedding, classifier, judge, plugin).
+        kind: "cheap" for a test on text or metadata, else the backend kind (embedding, classifier, judge, plugin).
         definition: its canonical definition.
         chosen: its value on the chosen response.
         rejected: its value on the rejected response.
@@ -186,7 +186,7 @@ def explain(
 
     predicates = []
     for name, definition in policy.predicates.items():
-        kind = policy.models[name].kind if name in policy.models else "rule"
+        kind = policy.models[name].kind if name in policy.models else "cheap"
         predicates.append(
             PredicateExplanation(name, kind, definition, _predicate_value(policy, name, chosen),
                                  _predicate_value(policy, name, rejected))
