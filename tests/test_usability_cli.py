@@ -309,3 +309,22 @@ def test_explain_kind_of_cheap_predicate():
     assert result.exit_code == 0, result.output
     kinds = {item["kind"] for item in json.loads(result.stdout)["predicates"]}
     assert kinds == {"cheap"}
+
+
+def test_junit_reports_unloadable_policy(tmp_path):
+    # A CI reading only the JUnit file must see the broken policy, not an empty, passing report.
+    policy = tmp_path / "broken.tp"
+    policy.write_text('policy "b" version "1"\nrule R1 "r":\n  violates when nothing\n', encoding="utf-8")
+    result = invoke("test", str(policy), "--format", "junit")
+    assert result.exit_code == 1
+    assert f'<testsuite name="{policy}" tests="1" failures="0" errors="1">' in result.stdout
+    assert "unknown name `nothing`" in result.stdout
+
+
+def test_json_reports_unloadable_policy(tmp_path):
+    policy = tmp_path / "broken.tp"
+    policy.write_text('policy "b" version "1"\nrule R1 "r":\n  violates when nothing\n', encoding="utf-8")
+    result = invoke("test", str(policy), "--format", "json")
+    assert result.exit_code == 1
+    errors = json.loads(result.stdout)["errors"]
+    assert [error["path"] for error in errors] == [str(policy)]

@@ -196,12 +196,14 @@ def test_command(
     from trace_dsl.triage.examples import junit_xml, run_examples
 
     reports = []
+    load_errors: dict[str, str] = {}
     failed = False
     for file in files:
         try:
             policy = load_policy(file)
         except PolicyCheckError as exc:
             stderr.print(exc.message, markup=False, highlight=False, soft_wrap=True)
+            load_errors[str(file)] = exc.message
             failed = True
             continue
         cache = _open_cache(policy, cache_path, no_cache)
@@ -214,10 +216,11 @@ def test_command(
         reports.append(report)
 
     if output is TestFormat.json:
-        _print_text(json.dumps({"schema_version": SCHEMA_VERSION, "policies": [r.to_dict() for r in reports]},
-                               indent=2, ensure_ascii=False))
+        errors = [{"path": path, "message": message} for path, message in load_errors.items()]
+        _print_text(json.dumps({"schema_version": SCHEMA_VERSION, "policies": [r.to_dict() for r in reports],
+                                "errors": errors}, indent=2, ensure_ascii=False))
     elif output is TestFormat.junit:
-        _print_text(junit_xml(reports).rstrip("\n"))
+        _print_text(junit_xml(reports, load_errors).rstrip("\n"))
     else:
         for report in reports:
             _test_table(report)

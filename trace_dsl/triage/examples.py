@@ -182,9 +182,18 @@ def run_examples(
     return ExampleReport(policy.path, policy.hash, tuple(results), coverage)
 
 
-def junit_xml(reports: list[ExampleReport]) -> str:
-    """Render the reports as a JUnit XML document: one test suite per policy, one test case per example."""
+def junit_xml(reports: list[ExampleReport], errors: Mapping[str, str] | None = None) -> str:
+    """Render the reports as a JUnit XML document: one test suite per policy, one test case per example.
+
+    `errors` maps each policy file that could not be loaded to the message why; each becomes a
+    suite with one errored case, so a CI that reads only this file still sees it.
+    """
     root = ElementTree.Element("testsuites")
+    for path, message in (errors or {}).items():
+        suite = ElementTree.SubElement(root, "testsuite", name=path, tests="1", failures="0", errors="1")
+        case = ElementTree.SubElement(suite, "testcase", classname=path, name="load the policy")
+        error = ElementTree.SubElement(case, "error", message=message.splitlines()[0])
+        error.text = message
     for report in reports:
         suite = ElementTree.SubElement(
             root,
