@@ -328,3 +328,16 @@ def test_json_reports_unloadable_policy(tmp_path):
     assert result.exit_code == 1
     errors = json.loads(result.stdout)["errors"]
     assert [error["path"] for error in errors] == [str(policy)]
+
+
+def test_triage_warns_about_error_verdicts(tmp_path):
+    # The summary table shows the count, but the reason was only inside the triage file.
+    policy = tmp_path / "p.tp"
+    policy.write_text('policy "p" version "1"\nrule S "s":\n  violates when pair.severity >= 2\n', encoding="utf-8")
+    rows = [{**STANDARD_ROWS[0], "severity": 3}, STANDARD_ROWS[1]]
+    data = _jsonl(tmp_path, [json.dumps(row) for row in rows])
+    result = invoke("triage", str(policy), "--data", str(data), "-o", str(tmp_path / "t.jsonl"))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "warning: 1 pairs have verdict 'error'" in text
+    assert "pair.severity" in text

@@ -279,6 +279,13 @@ def triage_command(
     write_verdicts(verdicts, output, kind)
     counts = summarize(verdicts)
     stderr.print(f"wrote {len(verdicts)} verdicts to {output}", markup=False, highlight=False, soft_wrap=True)
+    first_error = next((verdict for verdict in verdicts if verdict.error), None)
+    if first_error is not None:
+        stderr.print(
+            f"warning: {counts['error']} pairs have verdict 'error' (first, pair {first_error.pair_id}: "
+            f"{first_error.error}); `trace explain --pair ID` shows each predicate",
+            markup=False, highlight=False, soft_wrap=True,
+        )
     if as_json:
         payload = {"schema_version": SCHEMA_VERSION, "policy": str(policy_path), "policy_hash": policy.hash,
                    "data": data, "output": str(output), "pairs": len(verdicts), "categories": counts}
