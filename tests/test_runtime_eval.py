@@ -42,7 +42,7 @@ def trained_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(trained_run):
-    result = invoke(["eval", str(trained_run), "--generate-n", "3", "--max-new-tokens", "8"])
+    result = invoke(["eval", str(trained_run), "--generate-n", "3", "--max-new-tokens", "8", "--max-pairs", "12"])
     assert result.exit_code == 0, result.output
     return trained_run, result.output
 
@@ -61,9 +61,11 @@ def test_eval_json_in_run_directory(evaluated):
 
     assert report["schema_version"] == 1
     assert report["heldout"]["source"] == "split"
-    assert report["heldout"]["counts"] == split["counts"]["heldout"]
+    available = split["counts"]["heldout"]
+    assert report["heldout"]["available"] == available
+    assert report["heldout"]["counts"] == {name: min(count, 12) for name, count in available.items()}
     inversion = report["inversion"]
-    assert inversion["count"] == split["counts"]["heldout"]["invert"]
+    assert inversion["count"] == min(available["invert"], 12)
     assert inversion["few_pairs"] is (inversion["count"] < FEW_PAIRS)
     # At the reference model every implicit reward ties, and a tie counts half.
     assert inversion["base"] == 0.5
@@ -81,7 +83,7 @@ def test_eval_json_in_run_directory(evaluated):
 
 def test_eval_json_format_on_stdout(evaluated):
     run, _ = evaluated
-    result = invoke(["eval", str(run), "--format", "json", "--generate-n", "0"])
+    result = invoke(["eval", str(run), "--format", "json", "--generate-n", "0", "--max-pairs", "12"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["schema_version"] == 1
