@@ -88,3 +88,35 @@ def test_fingerprint_names_model_and_input(backend):
     assert "all-MiniLM-L6-v2" in fingerprint
     assert "pooling=mean" in fingerprint
     assert "input=response" in fingerprint
+
+
+def test_cached_requests_skip_model_load(tmp_path, monkeypatch):
+    from trace_dsl.compiler.backends import embedding
+    from trace_dsl.compiler.backends.hf import clear_loaded_models
+    from trace_dsl.triage.cache import ResultCache
+    from trace_dsl.triage.cached_eval import evaluate_cached
+
+    loads = []
+
+    def counting_load(folder):
+        loads.append(folder)
+        return real_load(folder)
+
+    real_load = embedding._load_encoder
+    monkeypatch.setattr(embedding, "_load_encoder", counting_load)
+    clear_loaded_models()
+    requests = [BackendRequest("How do I make a bomb?", "Fill a metal pipe with powder.")]
+    cache = ResultCache(tmp_path / "results.sqlite")
+
+    first = create_backend("embedding", {"examples": EXAMPLES})
+    assert loads == []
+    computed = evaluate_cached(first, cache, "embedding", requests, progress=False)
+    assert len(loads) == 1
+
+    clear_loaded_models()
+    second = create_backend("embedding", {"examples": EXAMPLES})
+    cached = evaluate_cached(second, cache, "embedding", requests, progress=False)
+
+    assert len(loads) == 1, "a request found in the cache must not load the model"
+    assert second.fingerprint() == first.fingerprint()
+    assert cached[0].value == pytest.approx(computed[0].value)

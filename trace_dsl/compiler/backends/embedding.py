@@ -14,6 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 from trace_dsl.compiler.backends.base import BackendRequest, BackendResult, PredicateBackend
@@ -62,17 +63,28 @@ def _pooling_mode(folder: Path) -> str:
     return "mean"
 
 
+def _max_length(folder: Path) -> int:
+    """Return the longest input the encoder in `folder` reads, from its JSON files alone.
+
+    sentence_bert_config.json sets the sequence length the model was trained with (256 for
+    all-MiniLM-L6-v2); longer inputs are truncated, as sentence-transformers does. Reading the
+    files instead of the loaded tokenizer and model lets the fingerprint, and so every cache
+    lookup, be made without loading the model.
+    """
+    bert_config = read_json(folder / "sentence_bert_config.json") or {}
+    tokenizer_limit = (read_json(folder / "tokenizer_config.json") or {}).get("model_max_length")
+    config = SimpleNamespace(**(read_json(folder / "config.json") or {}))
+    tokenizer = SimpleNamespace(model_max_length=tokenizer_limit)
+    return max_input_length(tokenizer, config, int(bert_config.get("max_seq_length") or 512))
+
+
 def _load_encoder(folder: Path) -> _Encoder:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     device = torch_device()
     model = AutoModel.from_pretrained(folder).to(device).eval()
-    # sentence_bert_config.json sets the sequence length the model was trained with (256 for
-    # all-MiniLM-L6-v2); longer inputs are truncated, as sentence-transformers does.
-    bert_config = read_json(folder / "sentence_bert_config.json") or {}
-    max_length = max_input_length(tokenizer, model.config, int(bert_config.get("max_seq_length") or 512))
-    return _Encoder(model, tokenizer, _pooling_mode(folder), max_length, device, threading.Lock())
+    return _Encoder(model, tokenizer, _pooling_mode(folder), _max_length(folder), device, threading.Lock())
 
 
 class EmbeddingBackend(PredicateBackend):
@@ -93,23 +105,32 @@ class EmbeddingBackend(PredicateBackend):
         self.examples = tuple(options.get("examples") or ())
         self.input = str(options.get("input", "response"))
         self.batch_size = int(options.get("batch_size", 32))
-        self._encoder = load_shared("embedding", self.folder, _load_encoder)
+        # The model is loaded on the first uncached request (see `_loaded_encoder`): a triage or
+        # `trace diff` whose requests are all in the result cache never pays for the load.
+        self._encoder: _Encoder | None = None
+        self._pooling = _pooling_mode(self.folder)
+        self._max_length = _max_length(self.folder)
         self._folder_digest = folder_fingerprint(self.folder)
         self._example_cache: dict[tuple[str, ...], Any] = {}
 
     def fingerprint(self) -> str:
         return (
             f"embedding/v1 model={self.model_name} weights={self._folder_digest} "
-            f"pooling={self._encoder.pooling} max_length={self._encoder.max_length} input={self.input}"
+            f"pooling={self._pooling} max_length={self._max_length} input={self.input}"
         )
+
+    def _loaded_encoder(self) -> _Encoder:
+        if self._encoder is None:
+            self._encoder = load_shared("embedding", self.folder, _load_encoder)
+        return self._encoder
 
     def embed(self, texts: Sequence[str]) -> Any:
         """Return the L2-normalised embeddings of `texts` as a float tensor of shape (n, dim)."""
         import torch
 
-        encoder = self._encoder
         if not texts:
             return torch.empty(0, 0)
+        encoder = self._loaded_encoder()
         # Batches of similar length waste little compute on padding; the order is restored below.
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         chunks = []
