@@ -181,6 +181,27 @@ def test_unloadable_model_is_a_message(tmp_path):
     assert "error[TM001]" in result.output
 
 
+def test_unknown_model_leaves_no_run_directory(tmp_path):
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("not a model")
+    output = tmp_path / "run"
+    result = invoke(apply_args(not_a_model, output, "--max-steps", "1", limit=10))
+    assert result.exit_code == 1
+    assert "error[TM001]" in result.output
+    assert not output.exists()
+
+
+def test_invalid_yaml_config_is_a_message(tmp_path):
+    config_file = tmp_path / "apply.yaml"
+    config_file.write_text("lora:\n  r: [1\n")
+    with pytest.raises(ConfigurationError, match="apply.yaml: invalid configuration file"):
+        load_config(config_file)
+    result = invoke(apply_args(tmp_path, tmp_path / "run", "--config", str(config_file), limit=10))
+    assert result.exit_code == 1
+    assert "line 2" in result.output
+
+
 def test_no_conflict_is_a_message(tiny_model_dir, tmp_path):
     policy = tmp_path / "never.tp"
     policy.write_text('policy "never" version "1"\n\nrule N1 "Never fires":\n  violates when response contains_any ["zqxjzqxj"]\n')

@@ -74,7 +74,11 @@ def load_config(
             if Path(path).suffix.lower() in (".yaml", ".yml"):
                 import yaml
 
-                loaded = yaml.safe_load(text) or {}
+                try:
+                    loaded = yaml.safe_load(text) or {}
+                except yaml.YAMLError as exc:
+                    # YAMLError is not a ValueError; its message names the line and column.
+                    raise ValueError(str(exc)) from None
             else:
                 loaded = json.loads(text)
         except (json.JSONDecodeError, ValueError) as exc:
@@ -323,11 +327,18 @@ def _check_errors(request: ApplyRequest, verdicts: Sequence[Verdict]) -> list[Ve
     )
 
 
+def _resolve_model(name: str) -> Any:
+    """Resolve a model alias, folder or Hugging Face id without loading its weights."""
+    from trace_dsl.models import resolve_model
+
+    return resolve_model(name)
+
+
 def _load_model(request: ApplyRequest) -> tuple[Any, Any, Any]:
     """Resolve and load the model and tokenizer; any loading failure is a `ModelResolutionError`."""
-    from trace_dsl.models import load_model_and_tokenizer, resolve_model
+    from trace_dsl.models import load_model_and_tokenizer
 
-    resolved = resolve_model(request.model)
+    resolved = _resolve_model(request.model)
     try:
         model, tokenizer = load_model_and_tokenizer(resolved)
     except ModelResolutionError:
@@ -466,6 +477,9 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         previous = run.read_manifest()
         request = _resumed_request(request, previous)
     else:
+        # A model name that resolves to nothing fails here, before the run directory exists, so
+        # the corrected command does not need --overwrite.
+        _resolve_model(request.model)
         run.prepare(overwrite=request.overwrite)
 
     config = request.config
