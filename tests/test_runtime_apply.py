@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -209,6 +210,19 @@ def test_no_conflict_is_a_message(tiny_model_dir, tmp_path):
     assert result.exit_code == 1
     assert "no INVERT or SUPPRESS pair" in result.output
     assert "retain 40" in result.output
+
+
+def test_manifest_paths_are_absolute(tiny_model_dir, tmp_path, monkeypatch):
+    # `trace eval` and `--resume` read these paths back, maybe from another working directory.
+    policy = tmp_path / "never.tp"
+    policy.write_text('policy "never" version "1"\n\nrule N1 "Never fires":\n  violates when response contains_any ["zqxjzqxj"]\n')
+    monkeypatch.chdir(tmp_path)
+    args = apply_args(tiny_model_dir, tmp_path / "run", policy=Path("never.tp"), limit=10)
+    args[args.index(str(HH_DATA))] = os.path.relpath(HH_DATA, tmp_path)
+    invoke(args)
+    manifest = read_json(tmp_path / "run" / "manifest.json")
+    assert manifest["policy"]["path"] == str(policy)
+    assert manifest["data"]["path"] == str(HH_DATA)
 
 
 def test_error_verdicts_are_refused(tiny_model_dir, tmp_path):

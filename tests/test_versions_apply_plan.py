@@ -55,7 +55,7 @@ def test_apply_trains_planned_verdicts(workspace, tiny_model_dir):
     triaged = list(read_jsonl(Path("run") / "triage.jsonl"))
     assert triaged == [verdict.to_dict() for verdict in plan.verdicts]
     manifest = read_json(Path("run") / "manifest.json")
-    assert manifest["options"]["plan"] == "plan.json"
+    assert manifest["options"]["plan"] == str(workspace / "plan.json")
     assert manifest["policy"]["hash"] == plan.policy["hash"]
 
 

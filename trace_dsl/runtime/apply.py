@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -470,6 +470,8 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         ConfigurationError: the configuration is invalid.
     """
     started = time.perf_counter()
+    if not request.resume:
+        request = _with_absolute_paths(request)
     run = RunDirectory(Path(request.output))
     previous = run.read_manifest() if (request.resume or request.overwrite) and run.manifest.exists() else {}
     if request.resume:
@@ -507,6 +509,28 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
     seconds = time.perf_counter() - started
     run.update_manifest(status=result.status, ended_at=utc_now(), wall_seconds=round(seconds, 1))
     return ApplyResult(**{**result.__dict__, "seconds": seconds})
+
+
+def _with_absolute_paths(request: ApplyRequest) -> ApplyRequest:
+    """Return `request` with its local policy, data, model and plan paths made absolute.
+
+    The manifest records these paths, and `trace eval` and `--resume` read them back, possibly
+    from another working directory. Dataset ids and model aliases are left as they are.
+    """
+
+    def absolute(value: Any) -> Any:
+        if value is None or not Path(value).expanduser().exists():
+            return value
+        resolved = Path(value).expanduser().resolve()
+        return resolved if isinstance(value, Path) else str(resolved)
+
+    return replace(
+        request,
+        policy=absolute(request.policy),
+        data=absolute(request.data),
+        model=absolute(request.model),
+        plan=absolute(request.plan),
+    )
 
 
 def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> ApplyRequest:
