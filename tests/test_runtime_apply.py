@@ -172,6 +172,34 @@ def test_resume_continues_from_checkpoint(tiny_model_dir, tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_resume_of_completed_run_is_refused(tiny_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    checkpoints = sorted(path.name for path in (run / "checkpoints").iterdir())
+    result = invoke(apply_args(tiny_model_dir, run, "--max-steps", "2", "--resume"))
+    assert result.exit_code == 1
+    assert "already completed" in result.output
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == checkpoints
+
+
+def test_resume_refuses_changed_settings_and_inputs(tiny_model_dir, tmp_path):
+    policy = tmp_path / "never.tp"
+    policy.write_text('policy "never" version "1"\n\nrule N1 "Never fires":\n  violates when response contains_any ["zqxjzqxj"]\n')
+    run = tmp_path / "run"
+    invoke(apply_args(tiny_model_dir, run, "--max-steps", "3", policy=policy, limit=10))
+    assert read_json(run / "manifest.json")["status"] == "failed"
+
+    result = invoke(apply_args(tiny_model_dir, run, "--max-steps", "5", "--resume", policy=policy, limit=10))
+    assert result.exit_code == 1
+    assert "max_steps: 3 -> 5" in result.output
+
+    result = invoke(apply_args(tiny_model_dir, run, "--max-steps", "3", "--resume", policy=HH_POLICY, limit=10))
+    assert result.exit_code == 1
+    assert "another policy" in result.output
+
+
 def test_unloadable_model_is_a_message(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()

@@ -74,6 +74,8 @@ def apply_command(
     if seed is not None:
         overrides.append(f"seed={seed}")
     config = load_config(config_file, overrides)
+    if resume and (config_file is not None or overrides):
+        _refuse_resume_changes(output, config_file, overrides)
     request = ApplyRequest(
         policy=policy,
         model=model,
@@ -107,6 +109,23 @@ def apply_command(
         highlight=False,
     )
     stdout.print(f"report: {result.run.report}; next: trace eval {result.run.root}", markup=False, highlight=False)
+
+
+def _refuse_resume_changes(output: Path, config_file: Optional[Path], overrides: List[str]) -> None:
+    """Raise when settings given with `--resume` would change the run's recorded configuration."""
+    from trace_dsl.errors import ConfigurationError
+    from trace_dsl.runtime.apply import resume_setting_changes
+    from trace_dsl.runtime.rundir import RunDirectory
+
+    run = RunDirectory(output)
+    if not run.manifest.exists():
+        return
+    changes = resume_setting_changes(run.read_manifest(), config_file, overrides)
+    if changes:
+        raise ConfigurationError(
+            f"--resume continues {output} with its recorded settings; these options would change them: {'; '.join(changes)}",
+            hint="drop them to resume the run as it was, or start a new run with another -o",
+        )
 
 
 @handle_errors

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from trace_dsl.errors import ConfigurationError, ModelResolutionError, TrainingDataError
+from trace_dsl.errors import ConfigurationError, ModelResolutionError, RunDirectoryError, TrainingDataError
 from trace_dsl.runtime.config import TrainingConfig
 from trace_dsl.runtime.rundir import RunDirectory, package_versions, read_jsonl, utc_now, write_json, write_jsonl
 from trace_dsl.triage.verdict import Category, Verdict
@@ -477,6 +477,13 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
     if request.resume:
         run.prepare(resume=True)
         previous = run.read_manifest()
+        if previous.get("status") == "completed" and (run.adapter / "adapter_model.safetensors").exists():
+            # Resuming from the final checkpoint would train one step past max_steps.
+            raise RunDirectoryError(
+                f"run {run.root} is already completed; there is nothing to resume",
+                hint=f"measure it with `trace eval {run.root}`, or pass --overwrite instead of --resume to train it again",
+            )
+        _check_resume_inputs(request, previous)
         request = _resumed_request(request, previous)
     else:
         # A model name that resolves to nothing fails here, before the run directory exists, so
@@ -511,26 +518,73 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
     return ApplyResult(**{**result.__dict__, "seconds": seconds})
 
 
+def _absolute(value: Any) -> Any:
+    """Return a path that exists made absolute, of the same type; anything else unchanged."""
+    if value is None or not Path(value).expanduser().exists():
+        return value
+    resolved = Path(value).expanduser().resolve()
+    return resolved if isinstance(value, Path) else str(resolved)
+
+
 def _with_absolute_paths(request: ApplyRequest) -> ApplyRequest:
     """Return `request` with its local policy, data, model and plan paths made absolute.
 
     The manifest records these paths, and `trace eval` and `--resume` read them back, possibly
     from another working directory. Dataset ids and model aliases are left as they are.
     """
-
-    def absolute(value: Any) -> Any:
-        if value is None or not Path(value).expanduser().exists():
-            return value
-        resolved = Path(value).expanduser().resolve()
-        return resolved if isinstance(value, Path) else str(resolved)
-
     return replace(
         request,
-        policy=absolute(request.policy),
-        data=absolute(request.data),
-        model=absolute(request.model),
-        plan=absolute(request.plan),
+        policy=_absolute(request.policy),
+        data=_absolute(request.data),
+        model=_absolute(request.model),
+        plan=_absolute(request.plan),
     )
+
+
+def _check_resume_inputs(request: ApplyRequest, manifest: Mapping[str, Any]) -> None:
+    """Raise when `--resume` names another policy, data or model than the run it continues.
+
+    A resumed run always continues with its recorded inputs, so a different one on the command
+    line would otherwise be ignored without a word.
+    """
+    recorded = {
+        "policy": manifest.get("policy", {}).get("path"),
+        "data": manifest.get("data", {}).get("path"),
+        "model": manifest.get("model", {}).get("name"),
+    }
+    given = {"policy": request.policy, "data": request.data, "model": request.model}
+    changed = [
+        f"{name} {str(_absolute(given[name]))!r} (the run has {str(_absolute(recorded[name]))!r})"
+        for name in given
+        if recorded[name] is not None and str(_absolute(given[name])) != str(_absolute(recorded[name]))
+    ]
+    if changed:
+        raise ConfigurationError(
+            f"--resume continues {request.output} with its recorded inputs, but the command names another {'; '.join(changed)}",
+            hint="repeat the run's own policy, data and model to resume it, or start a new run with another -o",
+        )
+
+
+def resume_setting_changes(manifest: Mapping[str, Any], path: Path | None, overrides: Sequence[str]) -> list[str]:
+    """Return the settings that `path` and `overrides` would change in a run being resumed.
+
+    Each entry reads `key: recorded -> new`. A resumed run keeps its recorded configuration,
+    so `trace apply --resume` refuses options that would change it instead of ignoring them.
+    """
+    recorded = manifest.get("config", {})
+    wanted = _flatten(load_config(path, overrides, base=recorded).model_dump())
+    current = _flatten(load_config(base=recorded).model_dump())
+    return [f"{key}: {current.get(key)!r} -> {value!r}" for key, value in wanted.items() if current.get(key) != value]
+
+
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> ApplyRequest:
