@@ -200,6 +200,24 @@ def test_resume_refuses_changed_settings_and_inputs(tiny_model_dir, tmp_path):
     assert "another policy" in result.output
 
 
+def test_terminated_run_is_marked_interrupted(tiny_model_dir, tmp_path, monkeypatch):
+    import signal
+
+    from trace_dsl.runtime import apply as apply_module
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(apply_module, "_run_stages", terminated)
+    run = tmp_path / "run"
+    result = invoke(apply_args(tiny_model_dir, run, "--max-steps", "1", limit=10))
+    assert result.exit_code == 130
+    assert "--resume" in result.output
+    assert read_json(run / "manifest.json")["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_unloadable_model_is_a_message(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()

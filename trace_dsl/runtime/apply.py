@@ -16,15 +16,18 @@ The stages, each writing into the run directory (see `trace_dsl.runtime.rundir`)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -506,9 +509,12 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         options={"dry_run": request.dry_run, "merge": request.merge, "drop_errors": request.drop_errors, "resume": request.resume, "plan": str(request.plan) if request.plan else None},
     )
     try:
-        result = _run_stages(request, run, previous, console)
+        with _terminate_as_interrupt():
+            result = _run_stages(request, run, previous, console)
     except KeyboardInterrupt:
         run.update_manifest(status="interrupted", ended_at=utc_now())
+        if console is not None:
+            console.print(f"run {run.root} interrupted; repeat the command with --resume to continue it", markup=False)
         raise
     except BaseException as exc:
         run.update_manifest(status="failed", ended_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
@@ -585,6 +591,28 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (a job scheduler, `timeout`, `docker stop`) like Ctrl-C while the block runs.
+
+    Python's default SIGTERM action ends the process at once, so the manifest would still say
+    'running'. Raised as KeyboardInterrupt, it marks the run 'interrupted' first.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        # Signal handlers can only be set from the main thread.
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> ApplyRequest:
