@@ -51,7 +51,7 @@ def apply_command(
     model: str = typer.Option(..., "--model", "-m", help="Model alias (see `trace models`), local folder or Hugging Face id."),
     data: str = typer.Option(..., "--data", "-d", help="Preference data file or dataset id."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory to write."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="Data format; detected from the rows when omitted."),
+    data_format: Optional[str] = typer.Option(None, "--data-format", "--format", help="Data format; detected from the rows when omitted."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Training settings, a JSON or YAML file."),
     settings: List[str] = typer.Option([], "--set", help="Override one setting, key=value (dotted keys: lora.r=8). Repeatable."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimiser steps."),

@@ -122,7 +122,7 @@ class PairReader:
                         f"{row.location}: field {exc.field!r}: {exc.problem}",
                         hint=(
                             f"the rows are read as format {self.row_format.name!r}; fix this row, pass "
-                            "--skip-invalid to skip malformed rows, or --format to read another format"
+                            "--skip-invalid to skip malformed rows, or --data-format to read another format"
                         ),
                     ) from None
                 self.skipped.append(SkippedRow(row.location, exc.problem, exc.reason_code, exc.field))
