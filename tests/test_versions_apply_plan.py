@@ -87,3 +87,28 @@ def test_apply_refuses_edited_plan(workspace, tiny_model_dir):
     result = runner.invoke(app, apply_args(tiny_model_dir, "run"))
     assert result.exit_code == 1
     assert "edited after `trace plan`" in result.stderr
+
+
+def test_plan_and_apply_skip_invalid_rows(workspace, tiny_model_dir):
+    # A data file with one malformed row: the plan must skip it as `trace apply --skip-invalid` does.
+    import gzip
+
+    rows = gzip.open("data.jsonl.gz", "rt", encoding="utf-8").read().splitlines()[: int(LIMIT)]
+    rows.insert(3, json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello"}))
+    Path("broken.jsonl").write_text("\n".join(rows) + "\n")
+    args = ["plan", "policies/hh_clear_refusals.tp", "--data", "broken.jsonl", "-o", "plan.json", "--model", str(tiny_model_dir)]
+
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1
+    assert "--skip-invalid" in refused.output
+
+    result = runner.invoke(app, [*args, "--skip-invalid"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 invalid rows" in result.output
+    assert len(read_plan("plan.json").verdicts) == int(LIMIT)
+
+    applied = runner.invoke(app, [
+        "apply", "policies/hh_clear_refusals.tp", "--model", str(tiny_model_dir), "--data", "broken.jsonl", "-o", "run",
+        "--plan", "plan.json", "--dry-run", "--skip-invalid", *TINY_SETTINGS,
+    ])
+    assert applied.exit_code == 0, applied.output

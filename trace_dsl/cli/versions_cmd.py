@@ -132,6 +132,7 @@ def plan_command(
     settings: List[str] = typer.Option([], "--set", help="Override one training setting, key=value (dotted keys: lora.r=8). Repeatable."),
     data_format: Optional[str] = typer.Option(None, "--data-format", help="Data format; detected from the rows when omitted."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Plan on at most this many pairs."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed data rows (each is counted) instead of stopping; pass it to `trace apply --plan` too."),
     cache_path: Optional[Path] = typer.Option(None, "--cache", help="Result cache file; default $TRACE_CACHE_DIR/results.sqlite or ./.trace-cache/results.sqlite."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate every expensive predicate without the result cache."),
     output_format: PlanFormat = typer.Option(PlanFormat.table, "--format", help="Summary format on stdout: table or json."),
@@ -146,7 +147,7 @@ def plan_command(
     config = load_config(config_file, settings)
     identity = model_identity(model) if model else None
     check_output_path(output, "plan file", inputs=[policy, data, *([previous] if previous else [])])
-    pairs, info = _load_data(data, data_format, limit, False)
+    pairs, info = _load_data(data, data_format, limit, skip_invalid)
     cache = _open_cache(cache_path, no_cache)
     try:
         plan, work = build_plan(
