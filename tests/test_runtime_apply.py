@@ -239,6 +239,16 @@ def test_unknown_model_leaves_no_run_directory(tmp_path):
     assert not output.exists()
 
 
+def test_early_failure_leaves_no_run_directory(tiny_model_dir, tmp_path):
+    policy = tmp_path / "broken.tp"
+    policy.write_text('policy "broken" version "1"\n\nrule B1 "Unfinished":\n  violates when\n')
+    output = tmp_path / "run"
+    result = invoke(apply_args(tiny_model_dir, output, "--max-steps", "1", policy=policy, limit=10))
+    assert result.exit_code == 1
+    assert "broken.tp" in result.output
+    assert not output.exists()
+
+
 def test_invalid_yaml_config_is_a_message(tmp_path):
     config_file = tmp_path / "apply.yaml"
     config_file.write_text("lora:\n  r: [1\n")

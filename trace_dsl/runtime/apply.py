@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -477,6 +478,7 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         request = _with_absolute_paths(request)
     run = RunDirectory(Path(request.output))
     previous = run.read_manifest() if (request.resume or request.overwrite) and run.manifest.exists() else {}
+    created = False
     if request.resume:
         run.prepare(resume=True)
         previous = run.read_manifest()
@@ -492,6 +494,7 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
         # A model name that resolves to nothing fails here, before the run directory exists, so
         # the corrected command does not need --overwrite.
         _resolve_model(request.model)
+        created = not run.root.exists()
         run.prepare(overwrite=request.overwrite)
 
     config = request.config
@@ -517,6 +520,11 @@ def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
             console.print(f"run {run.root} interrupted; repeat the command with --resume to continue it", markup=False)
         raise
     except BaseException as exc:
+        if created and [path.name for path in run.root.iterdir()] == [run.manifest.name]:
+            # Nothing was computed (a bad policy, data file or plan): leave no directory behind
+            # that the corrected command would need --overwrite for.
+            shutil.rmtree(run.root)
+            raise
         run.update_manifest(status="failed", ended_at=utc_now(), error=f"{type(exc).__name__}: {exc}")
         raise
     seconds = time.perf_counter() - started
