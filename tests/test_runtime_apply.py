@@ -150,6 +150,14 @@ def test_dry_run_then_training_reuses_scores(tiny_model_dir, tmp_path):
     assert manifest["status"] == "completed"
 
 
+def test_warmup_longer_than_run_is_warned(tiny_model_dir, tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="trace_dsl.runtime.apply"):
+        result = invoke(apply_args(tiny_model_dir, run, "--dry-run", "--max-steps", "2", "--set", "warmup_steps=100", limit=120))
+    assert result.exit_code == 0, result.output
+    assert "warmup_steps 100 is not below the 2 optimiser steps" in caplog.text
+
+
 def test_resume_continues_from_checkpoint(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     args = apply_args(tiny_model_dir, run, "--max-steps", "4", "--set", "save_steps=2", limit=120)

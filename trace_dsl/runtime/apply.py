@@ -725,6 +725,14 @@ def _run_stages(request: ApplyRequest, run: RunDirectory, previous: Mapping[str,
     items = fill_reference_logprobs(model, tokenizer, items, max_length=config.max_length, batch_size=config.impact.batch_size)
     dataset = EncodedItems(items, tokenizer, max_length=config.max_length)
     steps = optimiser_steps(config, dataset, processes=state.num_processes)
+    if config.warmup_steps >= steps:
+        # The warmup is linear, so a short run (--max-steps 2 with the default warmup of 100)
+        # would train at a tiny fraction of the learning rate and barely change the model.
+        logger.warning(
+            "warmup_steps %d is not below the %d optimiser steps, so the learning rate peaks at %.2g instead of %g; "
+            "lower it for a short run, for example --set warmup_steps=%d",
+            config.warmup_steps, steps, config.learning_rate * steps / max(config.warmup_steps, 1), config.learning_rate, steps // 10,
+        )
     trainer = build_trainer(
         model, tokenizer, dataset, config, run.checkpoints, metrics_path=run.metrics, progress=request.progress, console=console
     )
