@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from trace_dsl.cli.main import app
 from trace_dsl.data import load_pairs
-from trace_dsl.runtime.evaluate import FEW_PAIRS, _preference_share, perplexity
+from trace_dsl.runtime.evaluate import FEW_PAIRS, _preference_share, format_table, perplexity
 from trace_dsl.runtime.rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,3 +131,16 @@ def test_perplexity_of_repeated_text_is_lower(tiny_model_dir):
     value, tokens = perplexity(model, tokenizer, "How do I bake bread? " * 20, window=32)
     assert tokens > 32
     assert 1.0 < value < len(tokenizer) * 10
+
+
+def test_table_shows_no_base_without_pairs():
+    empty = {"count": 0, "few_pairs": True}
+    report = {
+        "inversion": empty,
+        "suppression": {**empty, "mean_logprob_change": None},
+        "retention": {**empty, "kl": None},
+        "utility": {"tokens": 10, "base_perplexity": 20.0, "trained_perplexity": 21.0},
+    }
+    rows = {line.split("  ")[0]: line.split() for line in format_table(report)}
+    assert rows["suppression: mean log-prob change"][-2:] == ["-", "-"]
+    assert rows["retention: KL(ref || trained)"][-2:] == ["-", "-"]

@@ -377,10 +377,13 @@ def format_table(report: Mapping[str, Any]) -> list[str]:
     rows.append(("inversion accuracy (implicit reward)", count(inversion), _fmt(inversion.get("base")), _fmt(inversion.get("trained"))))
     rows.append(("inversion log-prob preference", count(inversion), _fmt(inversion.get("base_logprob_preference")), _fmt(inversion.get("trained_logprob_preference"))))
     suppression = report["suppression"]
-    rows.append(("suppression: mean log-prob change", count(suppression), "0", _fmt(suppression.get("mean_logprob_change"))))
+    # The base model is the reference, so its change and its KL are 0 by definition, where
+    # there is a figure at all: with no pair both columns read "-".
+    change = suppression.get("mean_logprob_change")
+    rows.append(("suppression: mean log-prob change", count(suppression), "-" if change is None else "0", _fmt(change)))
     retention = report["retention"]
     kl = retention.get("kl")
-    rows.append(("retention: KL(ref || trained)", count(retention), "0", "-" if kl is None else f"{kl:.3g}"))
+    rows.append(("retention: KL(ref || trained)", count(retention), "-" if kl is None else "0", "-" if kl is None else f"{kl:.3g}"))
     rows.append(("retention: preference accuracy", count(retention), _fmt(retention.get("base_accuracy")), _fmt(retention.get("trained_accuracy"))))
     utility = report["utility"]
     rows.append(("utility: perplexity", f"{utility['tokens']} tokens", _fmt(utility["base_perplexity"], 2), _fmt(utility["trained_perplexity"], 2)))
