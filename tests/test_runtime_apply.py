@@ -297,6 +297,11 @@ def test_error_verdicts_are_refused(tiny_model_dir, tmp_path):
     assert "40 of 40 pairs have verdict 'error'" in result.output
     assert "trace explain" in result.output
 
+    result = invoke(apply_args(tiny_model_dir, tmp_path / "dropped", "--max-steps", "1", "--drop-errors", policy=policy, limit=40))
+    assert result.exit_code == 1
+    assert "every one of the 40 pairs has verdict 'error'" in result.output
+    assert "trace explain" in result.output
+
 
 def test_config_file_and_overrides(tmp_path):
     config_file = tmp_path / "apply.yaml"

@@ -319,15 +319,20 @@ def _check_errors(request: ApplyRequest, verdicts: Sequence[Verdict]) -> list[Ve
     errors = [verdict for verdict in verdicts if verdict.category is Category.ERROR]
     if not errors:
         return list(verdicts)
-    if request.drop_errors:
+    first = errors[0]
+    reason = f"first: pair {first.pair_id}: {first.error or 'no reason recorded'}"
+    explain = f"see why with `trace explain {request.policy} --data {request.data} --pair {first.pair_id}`"
+    if request.drop_errors and len(errors) < len(verdicts):
         logger.warning("left out %d pairs whose verdict is error (--drop-errors)", len(errors))
         return [verdict for verdict in verdicts if verdict.category is not Category.ERROR]
-    first = errors[0]
+    if request.drop_errors:
+        raise TrainingDataError(
+            f"every one of the {len(verdicts)} pairs has verdict 'error', so --drop-errors leaves nothing to train on; {reason}",
+            hint=f"{explain}, and fix the policy or its judge",
+        )
     raise TrainingDataError(
-        f"{len(errors)} of {len(verdicts)} pairs have verdict 'error' (compliance could not be decided); "
-        f"first: pair {first.pair_id}: {first.error or 'no reason recorded'}",
-        hint=f"see why with `trace explain {request.policy} --data {request.data} --pair {first.pair_id}`, "
-        "fix the policy or its judge, or pass --drop-errors to train without them",
+        f"{len(errors)} of {len(verdicts)} pairs have verdict 'error' (compliance could not be decided); {reason}",
+        hint=f"{explain}, fix the policy or its judge, or pass --drop-errors to train without them",
     )
 
 
