@@ -317,6 +317,10 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["lora.r=0"])
     with pytest.raises(ConfigurationError, match="key=value"):
         load_config(None, ["beta"])
+    with pytest.raises(ConfigurationError) as invalid_list:
+        load_config(None, ["lora.target_modules=q_proj"])
+    assert '["q_proj","v_proj"]' in invalid_list.value.hint
+    assert load_config(None, ['lora.target_modules=["q_proj","k_proj"]']).lora.target_modules == ["q_proj", "k_proj"]
 
 
 def test_heldout_split_is_seeded_and_stratified():

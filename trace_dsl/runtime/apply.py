@@ -105,7 +105,11 @@ def load_config(
         return TrainingConfig(**settings)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}" for error in exc.errors())
-        raise ConfigurationError(f"invalid training configuration: {problems}") from None
+        raise ConfigurationError(
+            f"invalid training configuration: {problems}",
+            hint='--set reads a value as JSON when it parses, so write a list as lora.target_modules=\'["q_proj","v_proj"]\' '
+            "and a switch as impact.enabled=false",
+        ) from None
 
 
 def _merge(target: dict[str, Any], source: Mapping[str, Any]) -> None:
