@@ -134,6 +134,16 @@ def test_existing_run_is_refused(tiny_run, tiny_model_dir):
     assert "--overwrite" in result.output
 
 
+def test_overwrite_refuses_folder_without_run(tiny_model_dir, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    result = invoke(apply_args(tiny_model_dir, folder, "--overwrite", "--max-steps", "1", limit=10))
+    assert result.exit_code == 1
+    assert "holds no run" in result.output
+    assert sorted(path.name for path in folder.iterdir()) == ["todo.txt"]
+
+
 def test_dry_run_then_training_reuses_scores(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     result = invoke(apply_args(tiny_model_dir, run, "--dry-run", "--max-steps", "1", limit=120))

@@ -187,6 +187,13 @@ class RunDirectory:
                 f"run directory {self.root} already exists and is not empty",
                 hint="pass --overwrite to replace it, --resume to continue it, or choose another -o",
             )
+        if exists and not self.manifest.exists():
+            # --overwrite replaces a run; a folder of other files (`-o .` by mistake) is refused,
+            # because the run's outputs would be mixed into it.
+            raise RunDirectoryError(
+                f"{self.root} is not empty and holds no run (no manifest.json), so --overwrite does not replace it",
+                hint="choose an empty or new directory for -o",
+            )
         if self.root.exists() and not self.root.is_dir():
             raise RunDirectoryError(f"{self.root} exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
