@@ -105,6 +105,20 @@ def test_eval_on_given_file_skips_trained_pairs(evaluated, tmp_path):
     assert sum(report["heldout"]["counts"].values()) == 5
 
 
+def test_bad_utility_text_is_a_message(evaluated, tmp_path):
+    run, _ = evaluated
+    before = (run / "eval.json").read_bytes()
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xf8\x00\xff" * 100)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    for text, message in ((binary, "is not UTF-8 text"), (empty, "is empty")):
+        result = invoke(["eval", str(run), "--generate-n", "0", "--utility-text", str(text)])
+        assert result.exit_code == 1
+        assert message in result.output
+    assert (run / "eval.json").read_bytes() == before
+
+
 def test_eval_without_adapter_is_a_message(tiny_model_dir, tmp_path):
     run = tmp_path / "dry"
     args = [

@@ -229,11 +229,22 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 256) -> t
     return math.exp(total_nll / max(counted, 1)), counted
 
 
-def _utility(model, tokenizer, path: Path, window: int) -> dict[str, Any]:
+def _read_utility_text(path: Path) -> str:
+    """Read the perplexity text; called before any model work, so a bad file wastes none of it."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RunDirectoryError(f"cannot read the utility text {path}: {exc.strerror}", hint="pass --utility-text FILE") from None
+    except UnicodeDecodeError as exc:
+        raise RunDirectoryError(
+            f"utility text {path} is not UTF-8 text (byte {exc.start})", hint="pass a plain-text file with --utility-text"
+        ) from None
+    if not text.strip():
+        raise RunDirectoryError(f"utility text {path} is empty", hint="pass a plain-text file with --utility-text")
+    return text
+
+
+def _utility(model, tokenizer, path: Path, text: str, window: int) -> dict[str, Any]:
     trained, tokens = perplexity(model, tokenizer, text, window=window)
     with reference_model(model):
         base, _ = perplexity(model, tokenizer, text, window=window)
@@ -320,6 +331,8 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
             hint=f"finish training first: trace apply ... -o {run.root} --resume",
         )
     config = TrainingConfig(**manifest["config"])
+    utility_path = request.utility_text or DEFAULT_UTILITY_TEXT
+    utility_text = _read_utility_text(utility_path)
     pairs, verdicts, policy, source = _heldout_pairs(request, run, manifest)
     by_category: dict[Category, list[Any]] = {category: [] for category in Category}
     for pair in pairs:
@@ -348,7 +361,7 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
         "inversion": _inversion(model, tokenizer, by_category[Category.INVERT], config.beta, max_length),
         "suppression": _suppression(model, tokenizer, by_category[Category.SUPPRESS], max_length),
         "retention": _retention(model, tokenizer, by_category[Category.RETAIN], max_length),
-        "utility": _utility(model, tokenizer, request.utility_text or DEFAULT_UTILITY_TEXT, max_length),
+        "utility": _utility(model, tokenizer, utility_path, utility_text, max_length),
     }
     if request.generate_n > 0:
         decided = [pair for category, group in by_category.items() if category is not Category.ERROR for pair in group]
