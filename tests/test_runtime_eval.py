@@ -119,6 +119,24 @@ def test_bad_utility_text_is_a_message(evaluated, tmp_path):
     assert (run / "eval.json").read_bytes() == before
 
 
+def test_edited_manifest_is_a_message(evaluated, tmp_path):
+    import shutil
+
+    run, _ = evaluated
+    for edit, message in (
+        (lambda manifest: manifest["config"].update(new_setting=1), "new_setting: Extra inputs are not permitted"),
+        (lambda manifest: manifest.pop("policy"), "field policy.path is missing"),
+    ):
+        copy = tmp_path / f"run-{len(message)}"
+        shutil.copytree(run, copy)
+        manifest = read_json(copy / "manifest.json")
+        edit(manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        result = invoke(["eval", str(copy), "--generate-n", "0"])
+        assert result.exit_code == 1
+        assert message in result.output
+
+
 def test_eval_without_adapter_is_a_message(tiny_model_dir, tmp_path):
     run = tmp_path / "dry"
     args = [

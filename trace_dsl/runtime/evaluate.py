@@ -32,9 +32,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from trace_dsl.errors import RunDirectoryError, TrainingDataError
+from trace_dsl.errors import ConfigurationError, RunDirectoryError, TrainingDataError
 from trace_dsl.runtime import logprobs as lp
-from trace_dsl.runtime.apply import Split, triage_with_cache
+from trace_dsl.runtime.apply import Split, load_config, triage_with_cache
 from trace_dsl.runtime.config import TrainingConfig
 from trace_dsl.runtime.losses import token_kl
 from trace_dsl.runtime.reference import reference_model
@@ -229,6 +229,29 @@ def perplexity(model: Any, tokenizer: Any, text: str, *, window: int = 256) -> t
     return math.exp(total_nll / max(counted, 1)), counted
 
 
+_MANIFEST_FIELDS = (("policy", "path"), ("data", "path"), ("model", "name"))
+
+
+def _manifest_config(run: RunDirectory, manifest: Mapping[str, Any]) -> TrainingConfig:
+    """Check the manifest fields `trace eval` reads and return the run's training configuration.
+
+    A manifest edited by hand or written by another version of the toolkit may lack a field or
+    carry a setting this version does not know; either is a message naming the field.
+    """
+    for section, field in _MANIFEST_FIELDS:
+        if not isinstance(manifest.get(section), Mapping) or not manifest[section].get(field):
+            raise RunDirectoryError(
+                f"{run.manifest}: field {section}.{field} is missing", hint="the manifest was edited or is incomplete; train the run again"
+            )
+    try:
+        return load_config(base=manifest.get("config") or {})
+    except ConfigurationError as exc:
+        raise RunDirectoryError(
+            f"{run.manifest}: {exc.message}",
+            hint="the manifest was edited or written by another version of trace-dsl; train the run again",
+        ) from None
+
+
 def _read_utility_text(path: Path) -> str:
     """Read the perplexity text; called before any model work, so a bad file wastes none of it."""
     try:
@@ -330,7 +353,7 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
             f"{run.root} has no trained adapter (status: {manifest.get('status', 'unknown')})",
             hint=f"finish training first: trace apply ... -o {run.root} --resume",
         )
-    config = TrainingConfig(**manifest["config"])
+    config = _manifest_config(run, manifest)
     utility_path = request.utility_text or DEFAULT_UTILITY_TEXT
     utility_text = _read_utility_text(utility_path)
     pairs, verdicts, policy, source = _heldout_pairs(request, run, manifest)
