@@ -333,6 +333,23 @@ def test_config_file_and_overrides(tmp_path):
     assert load_config(None, ['lora.target_modules=["q_proj","k_proj"]']).lora.target_modules == ["q_proj", "k_proj"]
 
 
+def test_repeated_pairs_stay_out_of_heldout(tiny_model_dir, tmp_path):
+    import gzip
+
+    rows = gzip.open(HH_DATA, "rt", encoding="utf-8").read().splitlines()[:60]
+    data = tmp_path / "repeated.jsonl"
+    data.write_text("\n".join(rows + rows) + "\n")
+    run = tmp_path / "run"
+    args = apply_args(tiny_model_dir, run, "--dry-run", "--max-steps", "1")
+    args[args.index(str(HH_DATA))] = str(data)
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    split = read_json(run / "split.json")
+    assert not set(split["train"]) & set(split["heldout"])
+    assert len(split["train"]) + len(split["heldout"]) == 60
+    assert read_json(run / "manifest.json")["data"]["pairs"] == 60
+
+
 def test_heldout_split_is_seeded_and_stratified():
     verdicts = [Verdict(f"p{i}", [Category.INVERT, Category.SUPPRESS, Category.RETAIN][i % 3], None, None) for i in range(30)]
     first = heldout_split(verdicts, 0.2, seed=1)

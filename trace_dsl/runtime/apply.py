@@ -279,10 +279,27 @@ def _load_pairs(request: ApplyRequest) -> list[Any]:
     result = load_pairs(request.data, format=request.data_format, limit=request.limit, skip_invalid=request.skip_invalid)
     for skipped in result.skipped:
         logger.warning("skipped %s: %s", skipped.location, skipped.reason)
-    pairs = list(result.pairs)
+    pairs = unique_pairs(result.pairs)
+    if len(pairs) < len(result.pairs):
+        logger.warning("left out %d pairs of %s that repeat an earlier pair", len(result.pairs) - len(pairs), request.data)
     if not pairs:
-        raise TrainingDataError(f"{request.data}: no preference pairs were read", hint="check the file and --format")
+        raise TrainingDataError(f"{request.data}: no preference pairs were read", hint="check the file and --data-format")
     return pairs
+
+
+def unique_pairs(pairs: Sequence[Any]) -> list[Any]:
+    """Return `pairs` without the repeats of an earlier pair id, in order.
+
+    Verdicts, the held-out split and impact scores are keyed by pair id, so a repeated pair would
+    otherwise land in both the training and the held-out part.
+    """
+    seen: set[str] = set()
+    unique = []
+    for pair in pairs:
+        if pair.id not in seen:
+            seen.add(pair.id)
+            unique.append(pair)
+    return unique
 
 
 def triage_with_cache(policy: Any, pairs: Sequence[Any], *, progress: bool) -> list[Verdict]:

@@ -34,7 +34,7 @@ import torch
 
 from trace_dsl.errors import ConfigurationError, RunDirectoryError, TrainingDataError
 from trace_dsl.runtime import logprobs as lp
-from trace_dsl.runtime.apply import Split, load_config, triage_with_cache
+from trace_dsl.runtime.apply import Split, load_config, triage_with_cache, unique_pairs
 from trace_dsl.runtime.config import TrainingConfig
 from trace_dsl.runtime.losses import token_kl
 from trace_dsl.runtime.reference import reference_model
@@ -97,7 +97,7 @@ def _heldout_pairs(request: EvalRequest, run: RunDirectory, manifest: Mapping[st
         data = manifest["data"]
         loaded = load_pairs(data["path"], format=data.get("format"), limit=data.get("limit"), skip_invalid=data.get("skip_invalid", False))
         wanted = set(split.heldout)
-        pairs = [pair for pair in loaded.pairs if pair.id in wanted]
+        pairs = [pair for pair in unique_pairs(loaded.pairs) if pair.id in wanted]
         if len(pairs) != len(wanted):
             raise RunDirectoryError(
                 f"{len(wanted) - len(pairs)} held-out pairs of the run are no longer in {data['path']}",
@@ -108,7 +108,7 @@ def _heldout_pairs(request: EvalRequest, run: RunDirectory, manifest: Mapping[st
 
     loaded = load_pairs(request.data, format=request.data_format, skip_invalid=request.skip_invalid)
     trained = set(split.train)
-    pairs = [pair for pair in loaded.pairs if pair.id not in trained]
+    pairs = [pair for pair in unique_pairs(loaded.pairs) if pair.id not in trained]
     if not pairs:
         raise TrainingDataError(f"{request.data}: every pair was used in training; nothing is held out")
     verdicts = {verdict.pair_id: verdict for verdict in triage_with_cache(policy, pairs, progress=request.progress)}
