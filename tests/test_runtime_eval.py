@@ -137,6 +137,19 @@ def test_edited_manifest_is_a_message(evaluated, tmp_path):
         assert message in result.output
 
 
+def test_damaged_adapter_is_a_message(evaluated, tmp_path):
+    import shutil
+
+    run, _ = evaluated
+    for name, damage in (("adapter_model.safetensors", b"\x10\x00"), ("adapter_config.json", b"{")):
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        (copy / "adapter" / name).write_bytes(damage)
+        result = invoke(["eval", str(copy), "--generate-n", "0"])
+        assert result.exit_code == 1
+        assert "cannot load the adapter" in result.output
+
+
 def test_eval_without_adapter_is_a_message(tiny_model_dir, tmp_path):
     run = tmp_path / "dry"
     args = [

@@ -365,7 +365,13 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
         by_category = {category: _sample(group, request.max_pairs, config.seed) for category, group in by_category.items()}
 
     base, tokenizer = load_model_and_tokenizer(resolve_model(manifest["model"]["name"]))
-    model = PeftModel.from_pretrained(base, run.adapter)
+    try:
+        model = PeftModel.from_pretrained(base, run.adapter)
+    except Exception as exc:  # noqa: BLE001 - peft, safetensors and json raise many types for a damaged file
+        raise RunDirectoryError(
+            f"cannot load the adapter in {run.adapter}: {type(exc).__name__}: {exc}",
+            hint="the adapter files are damaged; train the run again with trace apply --overwrite",
+        ) from None
     model.eval()
 
     max_length = config.max_length
