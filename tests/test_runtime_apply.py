@@ -177,6 +177,8 @@ def test_resume_continues_from_checkpoint(tiny_model_dir, tmp_path):
 
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
     shutil.rmtree(run / "adapter")
+    # A save cut short by the interruption leaves a checkpoint folder without trainer_state.json.
+    (run / "checkpoints" / "checkpoint-3").mkdir()
     rows = (run / "metrics.jsonl").read_text().splitlines()[:3]
     (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
 

@@ -216,12 +216,17 @@ class RunDirectory:
         return manifest
 
     def last_checkpoint(self) -> Path | None:
-        """The checkpoint folder with the highest step, or None when there is none."""
+        """The complete checkpoint folder with the highest step, or None when there is none.
+
+        transformers' Trainer writes `trainer_state.json` last, so a folder without it is a save
+        cut short by an interruption, and resuming from it would fail.
+        """
         if not self.checkpoints.is_dir():
             return None
         found = []
         for child in self.checkpoints.iterdir():
             prefix, _, step = child.name.partition("-")
-            if child.is_dir() and prefix == "checkpoint" and step.isdigit():
+            complete = (child / "trainer_state.json").is_file()
+            if child.is_dir() and prefix == "checkpoint" and step.isdigit() and complete:
                 found.append((int(step), child))
         return max(found)[1] if found else None
