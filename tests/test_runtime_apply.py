@@ -140,7 +140,7 @@ def test_overwrite_refuses_folder_without_run(tiny_model_dir, tmp_path):
     (folder / "todo.txt").write_text("keep me")
     result = invoke(apply_args(tiny_model_dir, folder, "--overwrite", "--max-steps", "1", limit=10))
     assert result.exit_code == 1
-    assert "holds no run" in result.output
+    assert "contains no run" in result.output
     assert sorted(path.name for path in folder.iterdir()) == ["todo.txt"]
 
 

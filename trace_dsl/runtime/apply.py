@@ -631,7 +631,7 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _terminate_as_interrupt() -> Iterator[None]:
     """Treat SIGTERM (a job scheduler, `timeout`, `docker stop`) like Ctrl-C while the block runs.
 
-    Python's default SIGTERM action ends the process at once, so the manifest would still say
+    Python's default SIGTERM action ends the process at once, so the manifest would still read
     'running'. Raised as KeyboardInterrupt, it marks the run 'interrupted' first.
     """
     if threading.current_thread() is not threading.main_thread():

@@ -236,7 +236,7 @@ def _manifest_config(run: RunDirectory, manifest: Mapping[str, Any]) -> Training
     """Check the manifest fields `trace eval` reads and return the run's training configuration.
 
     A manifest edited by hand or written by another version of the toolkit may lack a field or
-    carry a setting this version does not know; either is a message naming the field.
+    carry a setting this version does not know. Either case raises an error naming the field.
     """
     for section, field in _MANIFEST_FIELDS:
         if not isinstance(manifest.get(section), Mapping) or not manifest[section].get(field):

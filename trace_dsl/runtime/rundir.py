@@ -191,7 +191,7 @@ class RunDirectory:
             # --overwrite replaces a run; a folder of other files (`-o .` by mistake) is refused,
             # because the run's outputs would be mixed into it.
             raise RunDirectoryError(
-                f"{self.root} is not empty and holds no run (no manifest.json), so --overwrite does not replace it",
+                f"{self.root} is not empty and contains no run (no manifest.json), so --overwrite does not replace it",
                 hint="choose an empty or new directory for -o",
             )
         if self.root.exists() and not self.root.is_dir():
@@ -216,7 +216,7 @@ class RunDirectory:
         return manifest
 
     def last_checkpoint(self) -> Path | None:
-        """The complete checkpoint folder with the highest step, or None when there is none.
+        """Return the complete checkpoint folder with the highest step, or None when there is none.
 
         transformers' Trainer writes `trainer_state.json` last, so a folder without it is a save
         cut short by an interruption, and resuming from it would fail.
