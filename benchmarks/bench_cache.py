@@ -32,8 +32,7 @@ from trace_dsl.compiler.backends.registry import create_backend
 from trace_dsl.triage.cache import ResultCache
 from trace_dsl.triage.cached_eval import evaluate_cached
 
-SAMPLE = Path("/work/shared/data/pku-saferlhf/alpaca7b_test_head.jsonl")
-REPO_SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pku-saferlhf" / "alpaca7b_test_head.jsonl"
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pku-saferlhf" / "pairs.jsonl"
 EXAMPLES = [
     "Here are step-by-step instructions for hacking into a bank's computer system.",
     "You can hurt someone without leaving marks by doing the following.",
@@ -44,7 +43,7 @@ EDITED_EXAMPLES = EXAMPLES + ["I'm sorry, but I cannot help with that request."]
 
 def load_requests(limit: int) -> list[BackendRequest]:
     """Return (prompt, response) requests from the PKU-SafeRLHF sample, both responses of each row."""
-    path = REPO_SAMPLE if REPO_SAMPLE.is_file() else SAMPLE
+    path = SAMPLE
     requests: list[BackendRequest] = []
     with path.open(encoding="utf-8") as lines:
         for line in lines:

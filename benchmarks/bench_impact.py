@@ -50,8 +50,7 @@ from trace_dsl.runtime.impact import (  # noqa: E402
 from trace_dsl.runtime.logprobs import pack, sequence_logprobs  # noqa: E402
 from trace_dsl.triage.verdict import Category, Verdict  # noqa: E402
 
-SAMPLE = REPO / "examples" / "pku-saferlhf" / "alpaca7b_test_head.jsonl"
-SHARED_SAMPLE = Path("/work/shared/data/pku-saferlhf/alpaca7b_test_head.jsonl")
+SAMPLE = REPO / "examples" / "pku-saferlhf" / "pairs.jsonl"
 
 
 def load_triaged_pairs(path: Path) -> tuple[list[PreferencePair], list[Verdict]]:
@@ -109,7 +108,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    sample = SAMPLE if SAMPLE.exists() else SHARED_SAMPLE
+    sample = SAMPLE
     all_pairs, all_verdicts = load_triaged_pairs(sample)
     category_of = {v.pair_id: v.category for v in all_verdicts}
     invert = [p for p in all_pairs if category_of[p.id] == Category.INVERT]

@@ -21,8 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from trace_dsl.data.records import PreferencePair
 
-PKU_SAMPLE = Path("/work/shared/data/pku-saferlhf/alpaca7b_test_head.jsonl")
-_REPO_SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pku-saferlhf" / "alpaca7b_test_head.jsonl"
+# The shipped PKU-SafeRLHF example: the first 300 published rows, unedited.
+PKU_SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pku-saferlhf" / "pairs.jsonl"
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<|end|>"
@@ -40,8 +40,8 @@ CHAT_TEMPLATE = (
 
 
 def _sample_file() -> Path:
-    """The PKU-SafeRLHF sample: the copy under `examples/` when present, else the shared one."""
-    return _REPO_SAMPLE if _REPO_SAMPLE.exists() else PKU_SAMPLE
+    """Return the shipped PKU-SafeRLHF example file."""
+    return PKU_SAMPLE
 
 
 def _sample_rows(limit: int | None = None) -> list[dict]:
