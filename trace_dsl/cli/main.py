@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import warnings
 
 import typer
 
@@ -67,7 +68,10 @@ versions_cmd.register(app)
 
 
 def main() -> None:
-    """Console entry point."""
+    """Run the `trace` application (the console entry point)."""
+    # peft calls a transformers method that transformers 5 deprecates; users cannot act on the
+    # notice, and it repeats on every model load.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     app()
 
 

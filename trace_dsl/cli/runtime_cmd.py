@@ -103,8 +103,9 @@ def apply_command(
             stdout.print(line, markup=False, highlight=False)
         stdout.print(f"dry run: nothing trained; run directory {result.run.root}", markup=False, highlight=False)
         return
+    steps = "1 step" if result.steps == 1 else f"{result.steps} steps"
     stdout.print(
-        f"trained {result.steps} steps in {format_duration(result.seconds)}; adapter in {result.run.adapter}",
+        f"trained {steps} in {format_duration(result.seconds)}; adapter in {result.run.adapter}",
         markup=False,
         highlight=False,
     )
