@@ -12,9 +12,9 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from trace_dsl.cli.main import app
+from cli_runner import invoke
+
 from trace_dsl.data import load_pairs
 from trace_dsl.errors import ConfigurationError
 from trace_dsl.runtime import logprobs as lp
@@ -39,20 +39,11 @@ TINY_SETTINGS = [
     "--set", "gradient_accumulation_steps=2",
 ]
 
-runner = CliRunner()
-
-
 def apply_args(model_dir, output, *extra: str, policy: Path = HH_POLICY, limit: int = 200) -> list[str]:
     return [
         "apply", str(policy), "--model", str(model_dir), "--data", str(HH_DATA), "-o", str(output),
         "--limit", str(limit), "--skip-invalid", *TINY_SETTINGS, *extra,
     ]
-
-
-def invoke(args: list[str]):
-    result = runner.invoke(app, args)
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

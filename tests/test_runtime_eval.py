@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from trace_dsl.cli.main import app
+from cli_runner import invoke
+
 from trace_dsl.data import load_pairs
 from trace_dsl.runtime.evaluate import FEW_PAIRS, _preference_share, format_table, perplexity
 from trace_dsl.runtime.rundir import read_json
@@ -16,14 +16,6 @@ from trace_dsl.runtime.rundir import read_json
 ROOT = Path(__file__).resolve().parents[1]
 HH_DATA = ROOT / "examples" / "hh-rlhf" / "harmless-test-head.jsonl.gz"
 HH_POLICY = ROOT / "policies" / "hh_clear_refusals.tp"
-
-runner = CliRunner()
-
-
-def invoke(args: list[str]):
-    result = runner.invoke(app, args)
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from typer.testing import CliRunner
-
-from trace_dsl.cli.main import app
+from cli_runner import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 PKU_DATA = ROOT / "examples" / "pku-saferlhf" / "pairs.jsonl"
 PKU_POLICY = ROOT / "policies" / "pku_context_aware.tp"
-
-runner = CliRunner()
-
-
-def invoke(args: list[str]):
-    result = runner.invoke(app, args)
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def test_data_format_hint_names_real_option(tiny_model_dir, tmp_path):

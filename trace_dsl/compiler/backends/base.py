@@ -1,8 +1,8 @@
 """The interface between the compiled policy and an expensive predicate backend.
 
 The evaluation engine gathers, for one predicate, every (prompt, response) whose verdict still
-depends on it, and calls `evaluate` once with the whole batch. A backend never raises for one
-bad item: it returns a `BackendResult` with `error` set, and the engine turns that into an
+depends on it, and calls `evaluate` once with the whole batch. A backend must not raise for one
+bad item. It returns a `BackendResult` with `error` set, and the engine turns that into an
 `error` verdict for the pair. `fingerprint` names the model and settings, so cached results are
 reused only by an identical backend.
 """
