@@ -86,7 +86,7 @@ class PreferencePair:
         return [dict(m) for m in self.history] + [{"role": "user", "content": self.prompt}]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; `from_dict` reverses it."""
+        """Return a JSON-ready dict, which `from_dict` reverses."""
         return {
             "id": self.id,
             "prompt": self.prompt,

@@ -92,7 +92,7 @@ class Diagnostic:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict."""
+        """Return a JSON-ready dict."""
         return {
             "code": self.code,
             "severity": self.severity,

@@ -47,7 +47,7 @@ class ExampleResult:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """Return a JSON-ready dict."""
         return {
             "title": self.title,
             "line": self.line,
@@ -94,7 +94,7 @@ class ExampleReport:
         return [rule for rule, count in self.coverage.items() if count == 0]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with `schema_version`."""
+        """Return a JSON-ready dict with `schema_version`."""
         return {
             "schema_version": SCHEMA_VERSION,
             "policy": self.path,

@@ -39,7 +39,7 @@ class PredicateValue:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """Return a JSON-ready dict."""
         return {"value": self.value, "score": self.score, "rationale": self.rationale, "error": self.error}
 
 
@@ -62,7 +62,7 @@ class PredicateExplanation:
     rejected: PredicateValue
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """Return a JSON-ready dict."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -89,7 +89,7 @@ class RuleExplanation:
     rejected_fires: bool | None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """Return a JSON-ready dict."""
         return {
             "id": self.id,
             "title": self.title,
@@ -118,7 +118,7 @@ class Explanation:
     deciding_rules: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with `schema_version`."""
+        """Return a JSON-ready dict with `schema_version`."""
         return {
             "schema_version": SCHEMA_VERSION,
             "pair_id": self.pair.id,

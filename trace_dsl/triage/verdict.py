@@ -70,7 +70,7 @@ class Verdict:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with the field names used in triage files."""
+        """Return a JSON-ready dict with the field names used in triage files."""
         return {
             "pair_id": self.pair_id,
             "category": self.category.value,

@@ -94,7 +94,7 @@ def parse_judge_answer(text: str) -> BackendResult:
 
 
 class _JudgeBase(PredicateBackend):
-    """What both judge backends share: the question, rubric and policy, with per-request overrides."""
+    """Base of both judge backends: the question, rubric and policy, with per-request overrides."""
 
     kind = "judge"
 
@@ -189,7 +189,7 @@ class TransformersJudge(_JudgeBase):
 
 
 class _RequestFailed(Exception):
-    """One HTTP attempt failed; `retry` says whether another attempt could succeed."""
+    """A failed HTTP attempt; `retry` tells whether another attempt could succeed."""
 
     def __init__(self, reason: str, *, retry: bool, server_down: bool = False) -> None:
         super().__init__(reason)
