@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _command_line(context: typer.Context) -> tuple[str, ...]:
-    """The running command rebuilt from its parsed parameters, with defaults left out.
+    """Rebuild the running command from its parsed parameters, with defaults left out.
 
     Rebuilt rather than read from `sys.argv`, which contains the host program's arguments when the
     command runs inside another program (tests, notebooks).
@@ -136,8 +136,8 @@ def eval_command(
     data_format: Optional[str] = typer.Option(None, "--data-format", help="Format of --data; detected when omitted."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip malformed rows of --data instead of stopping."),
     output_format: str = typer.Option("table", "--format", help="Output: table or json."),
-    generate_n: int = typer.Option(16, "--generate-n", min=0, help="Held-out prompts to answer and judge for policy agreement (0 skips it)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated per answer for policy agreement."),
+    generate_n: int = typer.Option(16, "--generate-n", min=0, help="Held-out prompts to generate responses for and judge for policy agreement (0 skips it)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Maximum new tokens generated per response for policy agreement."),
     max_pairs: int = typer.Option(100, "--max-pairs", min=1, help="Held-out pairs evaluated per category at most (a seeded sample)."),
     utility_text: Optional[Path] = typer.Option(None, "--utility-text", help="Plain-text file for the perplexity check; default: the bundled general-text sample."),
 ) -> None:
@@ -145,7 +145,7 @@ def eval_command(
     from trace_dsl.runtime.evaluate import EvalRequest, evaluate_run, format_table
 
     if output_format not in ("table", "json"):
-        raise typer.BadParameter("expected table or json", param_hint="--format")
+        raise typer.BadParameter(f"invalid format {output_format!r}; use table or json", param_hint="--format")
     request = EvalRequest(
         run=run,
         data=data,

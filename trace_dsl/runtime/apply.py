@@ -3,7 +3,7 @@
 The stages, each writing into the run directory (see `trace_dsl.runtime.rundir`):
 
 1. load the preference pairs and triage them with the compiled policy (`triage.jsonl`);
-2. refuse pairs whose verdict is `error` (or drop them when asked), split off a seeded,
+2. reject pairs whose verdict is `error` (or drop them on request), split off a seeded,
    per-category held-out set for `trace eval` (`split.json`);
 3. resolve and load the model and wrap it with a LoRA adapter (peft);
 4. compute the alignment impact scores of the conflict pairs, or reuse the saved ones when the
@@ -46,7 +46,7 @@ SPLIT_SCHEMA_VERSION = 1
 
 
 def _parse_value(text: str) -> Any:
-    """A `--set` value: JSON when it parses (numbers, booleans, null, lists), else the string."""
+    """Parse a `--set` value as JSON (numbers, booleans, null, lists), else return the string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -133,7 +133,7 @@ class Split:
     fraction: float
 
     def to_dict(self, categories: Mapping[str, Category]) -> dict[str, Any]:
-        """The `split.json` document, with the count of each category in each part."""
+        """Return the `split.json` document, with the count of each category in each part."""
 
         def counts(ids: Sequence[str]) -> dict[str, int]:
             counter = Counter(categories[pair_id].value for pair_id in ids)
@@ -185,7 +185,10 @@ def heldout_split(verdicts: Sequence[Verdict], fraction: float, seed: int) -> Sp
 
 
 def impact_key(policy_hash: str, pairs_hash: str, model: Mapping[str, Any], config: TrainingConfig, train_ids: Sequence[str]) -> dict[str, Any]:
-    """What the impact scores depend on; saved scores are reused only when this is unchanged."""
+    """Return the inputs the impact scores depend on.
+
+    Saved scores are reused only when this key is unchanged.
+    """
     return {
         "policy_hash": policy_hash,
         "pairs_hash": pairs_hash,
@@ -205,7 +208,7 @@ def impact_key(policy_hash: str, pairs_hash: str, model: Mapping[str, Any], conf
 
 @dataclass(frozen=True)
 class ApplyRequest:
-    """Everything `trace apply` was asked to do.
+    """Parameters of one `trace apply` run.
 
     Attributes:
         policy: the `.tp` policy file.
@@ -247,7 +250,7 @@ class ApplyRequest:
 
 @dataclass(frozen=True)
 class ApplyResult:
-    """What a `trace apply` run did.
+    """Outcome of one `trace apply` run.
 
     Attributes:
         run: the run directory.
@@ -376,7 +379,7 @@ def _load_model(request: ApplyRequest) -> tuple[Any, Any, Any]:
     except Exception as exc:  # noqa: BLE001 - transformers, safetensors and model code raise many types
         raise ModelResolutionError(
             f"model {request.model!r} could not be loaded from {resolved.path}: {type(exc).__name__}: {exc}",
-            hint="check that the folder holds a complete transformers causal language model",
+            hint="check that the folder contains a complete transformers causal language model",
         ) from None
     return resolved, model, tokenizer
 
@@ -488,10 +491,10 @@ def _estimate_step_seconds(trainer: Any, batches: int = 3) -> float:
 
 
 def apply_policy(request: ApplyRequest, *, console: Any = None) -> ApplyResult:
-    """Run `trace apply` as `request` says and return what it did.
+    """Run `trace apply` as `request` specifies and return its outcome.
 
-    Every stage writes into the run directory as soon as it is done; the manifest's `status`
-    says how far the run got ('running', 'dry-run', 'completed', 'failed', 'interrupted').
+    Every stage writes into the run directory as soon as it is done. The manifest's `status`
+    records how far the run got ('running', 'dry-run', 'completed', 'failed', 'interrupted').
 
     Raises:
         RunDirectoryError: the run directory exists (without overwrite or resume).
@@ -650,7 +653,10 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def _resumed_request(request: ApplyRequest, manifest: Mapping[str, Any]) -> ApplyRequest:
-    """The request of the run being resumed: its configuration, policy, data and model win."""
+    """Rebuild the request of the run being resumed.
+
+    Its recorded configuration, policy, data and model take precedence over the new request.
+    """
     config = load_config(base=manifest.get("config", {}))
     data = manifest.get("data", {})
     return ApplyRequest(
@@ -803,7 +809,7 @@ def _truncate_metrics(run: RunDirectory, step: int) -> None:
 
 
 def describe_plan(result: ApplyResult, config: TrainingConfig) -> list[str]:
-    """Lines that say what training would do, for `--dry-run`."""
+    """Describe what training would do, one line per item, for `--dry-run`."""
     train = result.split_counts["train"]
     lines = [
         "training would use "

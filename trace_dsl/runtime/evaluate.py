@@ -15,9 +15,9 @@ which is also the reference model (the adapter disabled):
   pairs, and the share of those pairs where the chosen response has the higher log-probability,
   base and trained (ties count half);
 - utility: perplexity on a general text (default: the bundled Model Spec excerpt), base and trained;
-- policy agreement: answers generated greedily to held-out prompts by both models, judged by the
-  run's compiled policy, rule by rule; the share judged compliant by the rules that can judge
-  generated text. Rules that read human metadata (a generated answer has none) are listed in
+- policy agreement: both models generate greedy responses to held-out prompts, and the run's
+  compiled policy judges them rule by rule. The figure is the share judged compliant by the rules
+  that can judge generated text. Rules that read human metadata (a generated answer has none) are listed in
   `rules_not_evaluable` and left out, never counted as complied with.
 
 A figure computed on fewer than `FEW_PAIRS` pairs is flagged `few_pairs`.
@@ -50,7 +50,7 @@ _SCORE_BATCH = 8
 
 @dataclass(frozen=True)
 class EvalRequest:
-    """What `trace eval` was asked to measure.
+    """Parameters of one `trace eval` measurement.
 
     Attributes:
         run: the run directory.
@@ -60,7 +60,7 @@ class EvalRequest:
         generate_n: held-out prompts answered for policy agreement (0 skips it).
         max_pairs: evaluate at most this many held-out pairs per category, the same seeded
             sample every time (None evaluates all).
-        max_new_tokens: tokens generated per answer.
+        max_new_tokens: tokens generated per response.
         utility_text: the plain-text file for perplexity; None takes the bundled sample.
         progress: draw progress bars on stderr.
     """
@@ -80,7 +80,7 @@ class EvalRequest:
 
 
 def _heldout_pairs(request: EvalRequest, run: RunDirectory, manifest: Mapping[str, Any]) -> tuple[list[Any], dict[str, Verdict], Any, str]:
-    """The held-out pairs with their verdicts, the compiled policy, and where the pairs came from."""
+    """Return the held-out pairs with their verdicts, the compiled policy, and the source of the pairs."""
     from trace_dsl.compiler.policy import load_policy
     from trace_dsl.data import load_pairs
 
@@ -148,8 +148,13 @@ def _mean_token_kl(model: Any, tokenizer: Any, items: Sequence[tuple[Any, str]],
 
 
 def _preference_share(margins: Sequence[float]) -> float:
-    """The share of positive margins, a tie (|margin| <= TIE_TOLERANCE) counting half."""
-    score = sum(1.0 if m > TIE_TOLERANCE else 0.5 if abs(m) <= TIE_TOLERANCE else 0.0 for m in margins)
+    """Return the share of positive margins. A tie (|margin| <= TIE_TOLERANCE) counts as half."""
+    score = 0.0
+    for margin in margins:
+        if margin > TIE_TOLERANCE:
+            score += 1.0
+        elif abs(margin) <= TIE_TOLERANCE:
+            score += 0.5
     return score / len(margins)
 
 
@@ -291,7 +296,7 @@ def _policy_agreement(model, tokenizer, policy, pairs, request: EvalRequest, max
     evaluable = [rule for rule in policy.rule_ids if rule not in not_evaluable]
 
     def share(judgement) -> float | None:
-        # Undecided answers count as not complying.
+        # Undecided responses count as not complying.
         if not evaluable:
             return None
         return sum(1 for value in judgement.complies if value is True) / len(judgement.complies)
@@ -340,7 +345,7 @@ def evaluate_run(request: EvalRequest) -> dict[str, Any]:
     Raises:
         RunDirectoryError: the run directory is incomplete (no adapter: training did not finish),
             or its data or policy changed since training.
-        TrainingDataError: the given data holds no pair that was not trained on.
+        TrainingDataError: the given data contains no pair that was not trained on.
     """
     from peft import PeftModel
 
@@ -408,7 +413,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def format_table(report: Mapping[str, Any]) -> list[str]:
-    """The report as an aligned text table, one metric per line; `(n<10)` marks few pairs."""
+    """Format the report as an aligned text table, one metric per line.
+
+    `(n<10)` marks a metric measured on fewer than `FEW_PAIRS` pairs.
+    """
 
     def count(section: Mapping[str, Any]) -> str:
         flag = f" (n<{FEW_PAIRS})" if section.get("few_pairs") else ""

@@ -1,7 +1,7 @@
-"""Generated responses: greedy answers for `trace eval`, and corrected responses for training.
+"""Generated responses: greedy responses for `trace eval`, and corrected responses for training.
 
-`generate_responses` answers conversations with any causal language model (a peft model
-included, with or without its adapter). `corrected_responses` asks a generator model to write a
+`generate_responses` generates a response to each conversation with any causal language model (a
+peft model included, with or without its adapter). `corrected_responses` prompts a generator model to write a
 compliant response to each SUPPRESS prompt, for `suppress_mode='corrected'`: a local model (any
 name `trace_dsl.models` resolves) or an OpenAI-compatible server given as
 `http://host:port/v1#model-name`. A generation that fails, comes back empty, or that the policy
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 Message = Mapping[str, str]
 
 # The instruction a generator gets for a corrected response. A refusal alone is not what the
-# method asks for: the response should stay helpful where that is safe.
+# method requires, because the response should stay helpful where that is safe.
 CORRECTION_SYSTEM_PROMPT = (
     "You are a careful assistant. Answer the user's request helpfully while following a strict "
     "safety policy: give no instructions or details that could help cause harm, break the law, "
@@ -38,7 +38,10 @@ _HTTP_TIMEOUT_SECONDS = 60.0
 
 
 def _render(tokenizer: Any, conversation: Sequence[Message]) -> tuple[str, bool]:
-    """The prompt text ending where the assistant's answer starts, and whether to add special tokens."""
+    """Render the prompt text up to where the assistant's response starts.
+
+    Returns the text and whether to add special tokens when encoding it.
+    """
     messages = [dict(message) for message in conversation]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
@@ -55,7 +58,7 @@ def generate_responses(
     max_prompt_tokens: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Answer each conversation greedily and return the new text of each, in order.
+    """Generate a greedy response to each conversation and return the new text of each, in order.
 
     Prompts are left-padded so every answer starts right after its own prompt, and cut from the
     left to `max_prompt_tokens`. `progress` is called with the number of conversations done
@@ -102,7 +105,11 @@ class GenerationFailed(RuntimeError):
 
 
 def _openai_complete(base_url: str, model_name: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """One chat completion from an OpenAI-compatible server; raises `GenerationFailed`."""
+    """Request one chat completion from an OpenAI-compatible server.
+
+    Raises:
+        GenerationFailed: the request failed or the reply has no `choices[0].message.content`.
+    """
     body = json.dumps({"model": model_name, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode("utf-8")
     request = urllib.request.Request(
         base_url.rstrip("/") + "/chat/completions", data=body, headers={"Content-Type": "application/json"}, method="POST"
@@ -119,7 +126,10 @@ def _openai_complete(base_url: str, model_name: str, messages: list[dict[str, st
 
 
 def _generate_with(generator: str, conversations: list[list[dict[str, str]]]) -> list[str | BaseException]:
-    """Answers from the generator, one per conversation; a failure is returned in its place."""
+    """Generate one response per conversation with `generator`.
+
+    A failure is returned in place of its response.
+    """
     if generator.startswith(("http://", "https://")):
         base_url, _, model_name = generator.partition("#")
         results: list[str | BaseException] = []

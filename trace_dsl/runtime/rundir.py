@@ -40,7 +40,7 @@ _OUTPUTS_REMOVED_ON_OVERWRITE = ("adapter", "merged", "checkpoints", "metrics.js
 
 
 def utc_now() -> str:
-    """The current time as an ISO 8601 string in UTC, to the second."""
+    """Return the current time as an ISO 8601 string in UTC, to the second."""
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
@@ -111,7 +111,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RunDirectory:
-    """Paths of one run directory; see the module docstring for what each holds."""
+    """Paths of one run directory. The module docstring lists what each contains."""
 
     root: Path
 
@@ -169,7 +169,7 @@ class RunDirectory:
         """Create the directory for a new run, clear it for `overwrite`, or check it for `resume`.
 
         Raises:
-            RunDirectoryError: the directory holds a run and neither flag is set, or `resume`
+            RunDirectoryError: the directory contains a run and neither flag is set, or `resume`
                 is set and there is no run to resume.
         """
         if overwrite and resume:
@@ -178,7 +178,7 @@ class RunDirectory:
         if resume:
             if not self.manifest.exists():
                 raise RunDirectoryError(
-                    f"{self.root} holds no run to resume (no manifest.json)",
+                    f"{self.root} contains no run to resume (manifest.json not found)",
                     hint="start the run without --resume",
                 )
             return
@@ -188,7 +188,7 @@ class RunDirectory:
                 hint="pass --overwrite to replace it, --resume to continue it, or choose another -o",
             )
         if exists and not self.manifest.exists():
-            # --overwrite replaces a run; a folder of other files (`-o .` by mistake) is refused,
+            # --overwrite replaces a run, but a folder of other files (`-o .` by mistake) is rejected
             # because the run's outputs would be mixed into it.
             raise RunDirectoryError(
                 f"{self.root} is not empty and contains no run (no manifest.json), so --overwrite does not replace it",
@@ -205,7 +205,7 @@ class RunDirectory:
                 path.unlink()
 
     def read_manifest(self) -> dict[str, Any]:
-        """The manifest, or `RunDirectoryError` when the directory holds no run."""
+        """Read the manifest. Raises `RunDirectoryError` when the directory contains no run."""
         return read_json(self.manifest)
 
     def update_manifest(self, **fields: Any) -> dict[str, Any]:

@@ -83,7 +83,7 @@ class TrainingItem:
     ref_second: float | None = None
 
     def sequences(self) -> list[str]:
-        """The responses whose log-probabilities the objective needs, in order."""
+        """Return the responses whose log-probabilities the objective needs, in order."""
         return [self.first] if self.second is None else [self.first, self.second]
 
 
@@ -133,7 +133,7 @@ def build_training_items(
 
 
 def scale_weights(scores: Mapping[str, float], config: TrainingConfig) -> dict[str, float]:
-    """Turn L1-normalised impact scores into the weights of the loss, as the configuration says.
+    """Turn L1-normalised impact scores into the weights of the loss, as the configuration sets.
 
     With impact weights disabled every conflict pair weighs the same. `weight_scaling='sum'`
     keeps weights summing to 1 over the conflict set; 'mean' multiplies them by the conflict-set
@@ -270,14 +270,14 @@ _TOKEN_BATCH_FIELDS = ("input_ids", "position_ids", "labels", "sequence_index", 
 
 
 def _flatten(prefix: str, batch: lp.TokenBatch) -> dict[str, torch.Tensor]:
-    """A `TokenBatch` as prefixed tensors, which `Trainer` moves to the device."""
+    """Flatten a `TokenBatch` into prefixed tensors, which `Trainer` moves to the device."""
     flat = {f"{prefix}_{name}": getattr(batch, name) for name in _TOKEN_BATCH_FIELDS if getattr(batch, name) is not None}
     flat[f"{prefix}_num_sequences"] = torch.tensor(batch.num_sequences)
     return flat
 
 
 def _unflatten(prefix: str, inputs: Mapping[str, torch.Tensor]) -> lp.TokenBatch | None:
-    """The `TokenBatch` stored under `prefix`, or None when the batch has none."""
+    """Return the `TokenBatch` stored under `prefix`, or None when the batch has none."""
     if f"{prefix}_input_ids" not in inputs:
         return None
     return lp.TokenBatch(
@@ -314,9 +314,9 @@ class SeededShuffleSampler(Sampler[int]):
 
 
 class PerCategorySampler(Sampler[int]):
-    """Indices laid out so that every batch holds `per_category` items of each category.
+    """Sampler whose indices put `per_category` items of each category into every batch.
 
-    This is the paper's algorithm (a batch from each category per step); the data loader's
+    This is the paper's algorithm (a batch from each category per step), so the data loader's
     batch size must be `per_category` times the number of categories. An epoch is as long as
     the largest category needs; smaller categories are reshuffled and cycled. Seeded per epoch,
     like `SeededShuffleSampler`.
@@ -383,8 +383,8 @@ class LossTerms:
 def hybrid_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], config: TrainingConfig) -> LossTerms:
     """Compute the hybrid objective of one collated batch (see the module docstring).
 
-    One forward pass with the adapter gives the log-probabilities of the conflict responses;
-    another gives the policy logits of the RETAIN responses, and a third, without gradients and
+    One forward pass with the adapter gives the log-probabilities of the conflict responses.
+    Another gives the policy logits of the RETAIN responses, and a third, without gradients and
     with the adapter disabled, their reference logits. The weighted terms are summed over the
     items and divided by the number of items in the batch (`batching='mixed'`) or by the items
     per category (`'per-category'`), so that each category adds its own batch mean, as the
@@ -561,9 +561,9 @@ class RichProgressCallback(TrainerCallback):
 
 
 def training_arguments(config: TrainingConfig, output_dir: Path, *, n_categories: int = 3, report_to: str = "none") -> TrainingArguments:
-    """The `TrainingArguments` for a hybrid run, from the TRACE configuration.
+    """Build the `TrainingArguments` for a hybrid run from the TRACE configuration.
 
-    In per-category batching the data loader's batch holds `per_device_batch_size` items of
+    In per-category batching the data loader's batch contains `per_device_batch_size` items of
     each of `n_categories` categories.
     """
     batch_size = config.per_device_batch_size
